@@ -1,0 +1,228 @@
+"""The ``torch.optim`` front end shared by every Group optimizer.
+
+A subclass only names its moment rule and validates/declares its own hyperparameters; state
+initialisation, grouping, dense and lazy sparse updates, non-finite handling and the compiled path
+live here and call :mod:`._functional` (the one implementation of Algorithm 1).
+"""
+
+from __future__ import annotations
+
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from ._functional import apply_dense_, apply_rows_, rowwise_view, to_groups
+from ._moments import get_rule
+from ._validation import (
+    GROUP_BY_OPTIONS,
+    NONFINITE_OPTIONS,
+    NonFiniteGradientError,
+    check_bool,
+    check_choice,
+    check_lambdas,
+    check_positive,
+)
+
+EMBEDDING_MARK = "_sgl_embedding"
+
+
+def mark_embedding(obj) -> Any:
+    """Mark a parameter (or every 2-D parameter of a module) as an embedding table.
+
+    ``group_by="auto"`` then groups it by row (one row = one feature). Returns ``obj``.
+    """
+    params = [obj] if isinstance(obj, torch.nn.Parameter) else list(obj.parameters())
+    for p in params:
+        if p.dim() == 2:
+            setattr(p, EMBEDDING_MARK, True)
+    return obj
+
+
+def _looks_like_embedding(p: Tensor, name: str | None) -> bool:
+    if getattr(p, EMBEDDING_MARK, False):
+        return True
+    if name is None:
+        return True  # unnamed 2-D parameter: the library's main case, an embedding table
+    return "emb" in name.lower()
+
+
+def resolve_group_by(p: Tensor, option: str, name: str | None = None) -> str:
+    """The group layout of parameter ``p`` under the param group option ``option``.
+
+    ``auto``: 2-D parameters marked with :func:`mark_embedding`, or whose name (when the
+    optimizer was given ``named_parameters()``) contains ``"emb"``, or unnamed -> ``row``; other
+    named 2-D parameters (``nn.Linear`` weights ``[out, in]``) -> ``column`` (one group per input
+    unit); everything else (biases, scalars, conv kernels) -> ``tensor``.
+    """
+    check_choice("group_by", option, GROUP_BY_OPTIONS)
+    if option == "auto":
+        if p.dim() == 2:
+            return "row" if _looks_like_embedding(p, name) else "column"
+        return "tensor"
+    if option in ("row", "column") and p.dim() != 2:
+        raise ValueError(
+            f"Invalid group_by: {option!r} needs a 2-D parameter, got shape {tuple(p.shape)}"
+            + (f" ({name})" if name else "")
+            + "; use 'tensor' or 'none' for it")
+    return option
+
+
+class GroupOptimizer(Optimizer):
+    """Base class of the Group optimizers (Algorithm 1 of Yue et al.).
+
+    Subclasses set ``rule`` (a key of :data:`._moments.RULES`) and implement
+    ``_validate_extra(group)`` for their own hyperparameters.
+    """
+
+    rule: ClassVar[str]
+    _common = ("lr", "lambda1", "lambda21", "lambda2", "group_by", "rowwise", "exact_group_norm",
+               "nonfinite", "compiled")
+
+    def __init__(self, params, defaults: dict):
+        self._validate(defaults, params=None)
+        super().__init__(params, defaults)
+
+    # ------------------------------------------------------------------ validation
+    def _validate_extra(self, group: dict) -> None:  # pragma: no cover - overridden
+        pass
+
+    def _validate(self, group: dict, params) -> None:
+        check_positive("lr", group["lr"])
+        check_lambdas(group["lambda1"], group["lambda21"], group["lambda2"])
+        check_choice("group_by", group["group_by"], GROUP_BY_OPTIONS)
+        check_choice("nonfinite", group["nonfinite"], NONFINITE_OPTIONS)
+        check_bool("rowwise", group["rowwise"])
+        check_bool("exact_group_norm", group["exact_group_norm"])
+        check_bool("compiled", group["compiled"])
+        if group["rowwise"] and not get_rule(self.rule).second_moment_names:
+            raise ValueError(f"Invalid rowwise: True ({type(self).__name__} has no second moment)")
+        self._validate_extra(group)
+        if params is not None:
+            names = group.get("param_names") or [None] * len(params)
+            for p, n in zip(params, names):
+                resolve_group_by(p, group["group_by"], n)
+
+    def add_param_group(self, param_group: dict) -> None:
+        super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        try:
+            self._validate(group, group["params"])
+        except ValueError:
+            self.param_groups.pop()  # leave the optimizer as it was
+            raise
+
+    # ------------------------------------------------------------------ helpers
+    def _hp(self, group: dict, group_by: str) -> dict:
+        hp = {k: v for k, v in group.items()
+              if k not in ("params", "param_names", "group_by", "rowwise", "exact_group_norm",
+                           "nonfinite", "compiled")}
+        if group_by == "none":
+            hp["lambda21"] = 0.0
+        return hp
+
+    def _init_state(self, p: Tensor, group_by: str, rowwise: bool) -> dict:
+        rule = get_rule(self.rule)
+        state = self.state[p]
+        if state:
+            return state
+        n_groups = to_groups(p, group_by).shape[0]
+        init = float(self.defaults.get("initial_accumulator_value", 0.0))
+        state["step"] = torch.tensor(0.0, dtype=torch.float32)
+        state["dual"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        for name in rule.state_names:
+            v = init if name == "sum" else 0.0
+            if rowwise and name in rule.second_moment_names:
+                state[name] = torch.full((n_groups,), v, dtype=p.dtype, device=p.device)
+            else:
+                state[name] = torch.full_like(p, v, memory_format=torch.preserve_format)
+        return state
+
+    def _collect(self):
+        """Validate everything and gather the work; raises before any state is modified."""
+        work = []
+        for group in self.param_groups:
+            self._validate(group, params=None)
+            names = group.get("param_names") or [None] * len(group["params"])
+            for p, name in zip(group["params"], names):
+                if p.grad is None:
+                    continue
+                gb = resolve_group_by(p, group["group_by"], name)
+                if p.grad.is_sparse and (gb not in ("row", "none") or p.dim() != 2):
+                    raise ValueError(
+                        f"Invalid group_by: {gb!r} for a sparse gradient of shape "
+                        f"{tuple(p.shape)} (valid: 'row' or 'none' on a 2-D embedding table)")
+                work.append((group, p, name, gb))
+        return work
+
+    @staticmethod
+    def _finite_flags(tensors: list[Tensor]) -> list[bool]:
+        if not tensors:
+            return []
+        flags = torch.stack([torch.isfinite(t._values() if t.is_sparse else t).all()
+                             for t in tensors])
+        return flags.tolist()
+
+    # ------------------------------------------------------------------ step
+    @torch.no_grad()
+    def step(self, closure=None):
+        """Perform one optimization step (Algorithm 1) for every parameter with a gradient."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._update(self._collect())
+        return loss
+
+    def _update(self, work, g2_of: dict | None = None) -> None:
+        g2_of = g2_of or {}
+        checks = [p.grad for _, p, _, _ in work] + [g2_of[p] for _, p, _, _ in work if p in g2_of]
+        flags = self._finite_flags(checks)
+        bad = [i for i, ok in enumerate(flags[: len(work)]) if not ok]
+        bad += [i for i, ok in zip([i for i, w in enumerate(work) if w[1] in g2_of],
+                                   flags[len(work):]) if not ok]
+        refuse = [work[i] for i in sorted(set(bad)) if work[i][0]["nonfinite"] == "raise"]
+        if refuse:
+            names = ", ".join(n or f"param {tuple(p.shape)}" for _, p, n, _ in refuse)
+            raise NonFiniteGradientError(
+                f"{type(self).__name__}: non-finite (NaN/Inf) gradient in {names}; no parameter "
+                "or state was modified. Pass nonfinite='skip' to skip the affected rows instead.")
+        bad = set(bad)
+        rule = get_rule(self.rule)
+        for i, (group, p, _, gb) in enumerate(work):
+            rowwise = group["rowwise"]
+            state = self._init_state(p, gb, rowwise)
+            state["step"] += 1
+            step = state["step"].item()
+            hp = self._hp(group, gb)
+            states = [state[n] for n in rule.state_names]
+            rw = [rowwise and n in rule.second_moment_names for n in rule.state_names]
+            kw = dict(step=step, hp=hp, rule_name=self.rule, rowwise=rowwise,
+                      exact=group["exact_group_norm"], compiled=group["compiled"])
+            grad, g2 = p.grad, g2_of.get(p)
+            if grad.is_sparse or i in bad:
+                self._lazy(p, grad, g2, state["dual"], states, rw, gb, i in bad, kw)
+            else:
+                apply_dense_(p, grad, state["dual"], states, rw, g2=g2, group_by=gb, **kw)
+
+    @staticmethod
+    def _lazy(p, grad, g2, dual, states, rw, gb, skip_nonfinite, kw) -> None:
+        """Lazy rows: only rows present in the gradient (and finite, when skipping) are updated."""
+        if grad.is_sparse:
+            grad = grad.coalesce()
+            idx, rows = grad.indices()[0], grad.values()
+            g2_rows = None
+        else:
+            rows = to_groups(grad, gb)
+            idx = torch.arange(rows.shape[0], device=rows.device)
+            g2_rows = None if g2 is None else to_groups(g2, gb)
+        if skip_nonfinite:
+            ok = torch.isfinite(rows).all(dim=1)
+            if g2_rows is not None:
+                ok &= torch.isfinite(g2_rows).all(dim=1)
+            idx, rows = idx[ok], rows[ok]
+            g2_rows = None if g2_rows is None else g2_rows[ok]
+        states2d = [rowwise_view(s) if r else to_groups(s, gb) for s, r in zip(states, rw)]
+        apply_rows_(to_groups(p, gb), idx, rows, to_groups(dual, gb), states2d, g2_rows=g2_rows,
+                    **kw)

@@ -1,0 +1,168 @@
+"""``group_step``: one step of Algorithm 1 = moment rule -> dual update -> prox.
+
+This module is the single place where the three pure pieces are chained. Every front end calls it:
+
+- the dense ``torch.optim`` classes, on the whole group matrix of a parameter
+  (:func:`apply_dense_`);
+- sparse gradients and skipped non-finite rows, on the gathered rows only (:func:`apply_rows_`,
+  lazy row semantics);
+- the fused TorchRec kernel (``torchrec_ext``), on the unique rows of a batch.
+
+Two execution paths share the same Python code: the eager path (ground truth) and a
+``torch.compile``'d path (``compiled=True``), which fuses the chain into one kernel per layout
+(C++ on CPU, Triton on CUDA). Hyperparameters and the step are passed to the compiled path as 0-d
+tensors so that changing them (schedulers, lambda21 tuning) does not recompile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor
+
+from ._dual import dual_carry, dual_update
+from ._moments import MomentRule, get_rule
+from ._prox import prox
+
+__all__ = ["group_step", "apply_dense_", "apply_rows_", "to_groups", "from_groups"]
+
+
+def group_step(
+    x: Tensor,
+    g: Tensor,
+    dual: Tensor,
+    states: tuple[Tensor, ...],
+    *,
+    rule: MomentRule,
+    step,
+    hp: dict,
+    g2: Tensor | None = None,
+    rowwise: bool = False,
+    exact: bool = False,
+) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
+    """One step of Algorithm 1 on a group matrix (pure: inputs are not modified).
+
+    Args:
+        x: weights ``x_t``, ``[G, d]`` (rows are groups).
+        g: gradient ``g_t``, ``[G, d]``.
+        dual: stored dual ``u_{t-1} = z_{t-1} + sigma_{t-1} x_t`` (see ``_dual``), ``[G, d]``.
+        states: the rule's moment states (``[G, d]``, or ``[G, 1]`` when row-wise).
+        rule: the base optimizer's moment rule.
+        step: global step ``t >= 1`` (number or 0-d tensor).
+        hp: hyperparameters: ``lr``, ``lambda1``, ``lambda21``, ``lambda2`` and the rule's own.
+        g2: what the second moment accumulates; default ``g*g`` (AdaHessian passes ``D_t^2``).
+        rowwise: one second moment per row, accumulating the row mean of ``g2``.
+        exact: use the exact group norm ``||A^{-1/2} s||`` instead of ``||s||``.
+
+    Returns:
+        ``(x_{t+1}, u_t, new_states)``.
+    """
+    if rule.uses_g2:
+        if g2 is None:
+            g2 = g * g
+        if rowwise:
+            g2 = g2.mean(dim=1, keepdim=True)
+    m, new_states, sigma = rule.update(g, g2, states, step, hp)
+    z = dual_update(dual, m, sigma, x)
+    x_new = prox(z, sigma, hp["lambda1"], hp["lambda21"], hp["lambda2"], exact)
+    return x_new, dual_carry(z, sigma, x_new), new_states
+
+
+# --------------------------------------------------------------------------- layouts
+def to_groups(t: Tensor, group_by: str) -> Tensor:
+    """The group matrix view of a parameter-shaped tensor: rows are the groups.
+
+    ``row``: the 2-D tensor itself; ``column``: its transpose (an ``nn.Linear`` weight
+    ``[out, in]`` has one group per input unit); ``tensor``: one row; ``none``: rows of a 2-D
+    tensor, one row otherwise (no l21 is applied, the rows only matter for skipping).
+    """
+    if group_by == "row" or (group_by == "none" and t.dim() == 2):
+        return t
+    if group_by == "column":
+        return t.t()
+    return t.reshape(1, -1)
+
+
+def from_groups(t2d: Tensor, group_by: str, shape: torch.Size) -> Tensor:
+    """Inverse of :func:`to_groups`."""
+    if group_by == "column":
+        return t2d.t()
+    return t2d.reshape(shape)
+
+
+def rowwise_view(t: Tensor) -> Tensor:
+    """Row-wise state is stored as ``[G]``; the math sees ``[G, 1]``."""
+    return t.unsqueeze(1)
+
+
+# --------------------------------------------------------------------------- in-place front ends
+def _dense_(param, grad, dual, states, rowwise_flags, step, hp, g2, rule_name, group_by, rowwise,
+            exact):
+    rule = get_rule(rule_name)
+    shape = param.shape
+    x = to_groups(param, group_by)
+    st = tuple(rowwise_view(s) if rw else to_groups(s, group_by)
+               for s, rw in zip(states, rowwise_flags))
+    x_new, dual_new, new_states = group_step(
+        x, to_groups(grad, group_by), to_groups(dual, group_by), st, rule=rule, step=step, hp=hp,
+        g2=None if g2 is None else to_groups(g2, group_by), rowwise=rowwise, exact=exact)
+    param.copy_(from_groups(x_new, group_by, shape))
+    dual.copy_(from_groups(dual_new, group_by, shape))
+    for s, new, rw in zip(states, new_states, rowwise_flags):
+        s.copy_(new.squeeze(1) if rw else from_groups(new, group_by, shape))
+
+
+def _rows_(x2d, idx, g_rows, dual2d, states2d, step, hp, g2_rows, rule_name, rowwise, exact):
+    rule = get_rule(rule_name)
+    x_new, dual_new, new_states = group_step(
+        x2d.index_select(0, idx), g_rows, dual2d.index_select(0, idx),
+        tuple(s.index_select(0, idx) for s in states2d), rule=rule, step=step, hp=hp, g2=g2_rows,
+        rowwise=rowwise, exact=exact)
+    x2d.index_copy_(0, idx, x_new)
+    dual2d.index_copy_(0, idx, dual_new)
+    for s, new in zip(states2d, new_states):
+        s.index_copy_(0, idx, new)
+
+
+@functools.cache
+def _compiled(fn):
+    return torch.compile(fn, dynamic=True, fullgraph=True)
+
+
+def _tensor_hp(hp: dict, step, like: Tensor):
+    """Hyperparameters and step as 0-d tensors (compiled path: no recompiles on change)."""
+    def conv(v):
+        if isinstance(v, tuple):
+            return tuple(conv(e) for e in v)
+        return torch.as_tensor(v, dtype=torch.float64 if like.dtype == torch.float64
+                               else torch.float32, device=like.device)
+    return {k: conv(v) for k, v in hp.items()}, conv(float(step))
+
+
+def apply_dense_(param, grad, dual, states, rowwise_flags, *, step, hp, rule_name, group_by,
+                 rowwise=False, exact=False, g2=None, compiled=False):
+    """Algorithm 1 on a whole parameter, writing ``param``, ``dual`` and ``states`` in place.
+
+    ``states`` are stored parameter-shaped, except row-wise second moments (``[G]``).
+    """
+    fn = _dense_
+    if compiled:
+        fn = _compiled(_dense_)
+        hp, step = _tensor_hp(hp, step, param)
+    fn(param, grad, dual, tuple(states), tuple(rowwise_flags), step, hp, g2, rule_name, group_by,
+       rowwise, exact)
+
+
+def apply_rows_(x2d, idx, g_rows, dual2d, states2d, *, step, hp, rule_name, rowwise=False,
+                exact=False, g2_rows=None, compiled=False):
+    """Algorithm 1 on the rows ``idx`` of group matrices only (lazy row semantics).
+
+    Rows not in ``idx`` keep weights, dual and moments unchanged. ``idx`` must be unique and
+    ``g_rows`` the summed gradient of each of those rows. Row-wise states are ``[G, 1]`` views.
+    """
+    fn = _rows_
+    if compiled:
+        fn = _compiled(_rows_)
+        hp, step = _tensor_hp(hp, step, x2d)
+    fn(x2d, idx, g_rows, dual2d, tuple(states2d), step, hp, g2_rows, rule_name, rowwise, exact)
