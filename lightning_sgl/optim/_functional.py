@@ -97,46 +97,42 @@ def rowwise_view(t: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- in-place front ends
-def _dense_(param, grad, dual, states, rowwise_flags, step, hp, g2, rule_name, group_by, rowwise,
-            exact):
-    rule = get_rule(rule_name)
+def _dense(param, grad, dual, states, rowwise_flags, step, hp, g2, rule_name, group_by, rowwise,
+           exact):
+    """Pure: new (param, dual, states) in their stored layouts."""
     shape = param.shape
-    x = to_groups(param, group_by)
     st = tuple(rowwise_view(s) if rw else to_groups(s, group_by)
                for s, rw in zip(states, rowwise_flags))
     x_new, dual_new, new_states = group_step(
-        x, to_groups(grad, group_by), to_groups(dual, group_by), st, rule=rule, step=step, hp=hp,
+        to_groups(param, group_by), to_groups(grad, group_by), to_groups(dual, group_by), st,
+        rule=get_rule(rule_name), step=step, hp=hp,
         g2=None if g2 is None else to_groups(g2, group_by), rowwise=rowwise, exact=exact)
-    param.copy_(from_groups(x_new, group_by, shape))
-    dual.copy_(from_groups(dual_new, group_by, shape))
-    for s, new, rw in zip(states, new_states, rowwise_flags):
-        s.copy_(new.squeeze(1) if rw else from_groups(new, group_by, shape))
+    return (from_groups(x_new, group_by, shape), from_groups(dual_new, group_by, shape),
+            tuple(n.squeeze(1) if rw else from_groups(n, group_by, shape)
+                  for n, rw in zip(new_states, rowwise_flags)))
 
 
-def _rows_(x2d, idx, g_rows, dual2d, states2d, step, hp, g2_rows, rule_name, rowwise, exact):
-    rule = get_rule(rule_name)
-    x_new, dual_new, new_states = group_step(
-        x2d.index_select(0, idx), g_rows, dual2d.index_select(0, idx),
-        tuple(s.index_select(0, idx) for s in states2d), rule=rule, step=step, hp=hp, g2=g2_rows,
-        rowwise=rowwise, exact=exact)
-    x2d.index_copy_(0, idx, x_new)
-    dual2d.index_copy_(0, idx, dual_new)
-    for s, new in zip(states2d, new_states):
-        s.index_copy_(0, idx, new)
+def _rows(x_rows, g_rows, dual_rows, state_rows, step, hp, g2_rows, rule_name, rowwise, exact):
+    return group_step(x_rows, g_rows, dual_rows, state_rows, rule=get_rule(rule_name), step=step,
+                      hp=hp, g2=g2_rows, rowwise=rowwise, exact=exact)
 
 
 @functools.cache
 def _compiled(fn):
-    return torch.compile(fn, dynamic=True, fullgraph=True)
+    # The compiled functions are pure (they return new tensors); the writes happen outside.
+    # (Inductor 2.13's CPU outer-loop fusion fails on in-place state mutation inside the graph.)
+    return torch.compile(fn, dynamic=True)
 
 
 def _tensor_hp(hp: dict, step, like: Tensor):
     """Hyperparameters and step as 0-d tensors (compiled path: no recompiles on change)."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+
     def conv(v):
         if isinstance(v, tuple):
             return tuple(conv(e) for e in v)
-        return torch.as_tensor(v, dtype=torch.float64 if like.dtype == torch.float64
-                               else torch.float32, device=like.device)
+        return torch.as_tensor(v, dtype=dtype, device=like.device)
+
     return {k: conv(v) for k, v in hp.items()}, conv(float(step))
 
 
@@ -146,12 +142,16 @@ def apply_dense_(param, grad, dual, states, rowwise_flags, *, step, hp, rule_nam
 
     ``states`` are stored parameter-shaped, except row-wise second moments (``[G]``).
     """
-    fn = _dense_
+    fn = _dense
     if compiled:
-        fn = _compiled(_dense_)
+        fn = _compiled(_dense)
         hp, step = _tensor_hp(hp, step, param)
-    fn(param, grad, dual, tuple(states), tuple(rowwise_flags), step, hp, g2, rule_name, group_by,
-       rowwise, exact)
+    x_new, dual_new, new_states = fn(param, grad, dual, tuple(states), tuple(rowwise_flags), step,
+                                     hp, g2, rule_name, group_by, rowwise, exact)
+    param.copy_(x_new)
+    dual.copy_(dual_new)
+    for s, n in zip(states, new_states):
+        s.copy_(n)
 
 
 def apply_rows_(x2d, idx, g_rows, dual2d, states2d, *, step, hp, rule_name, rowwise=False,
@@ -161,8 +161,15 @@ def apply_rows_(x2d, idx, g_rows, dual2d, states2d, *, step, hp, rule_name, roww
     Rows not in ``idx`` keep weights, dual and moments unchanged. ``idx`` must be unique and
     ``g_rows`` the summed gradient of each of those rows. Row-wise states are ``[G, 1]`` views.
     """
-    fn = _rows_
+    fn = _rows
     if compiled:
-        fn = _compiled(_rows_)
+        fn = _compiled(_rows)
         hp, step = _tensor_hp(hp, step, x2d)
-    fn(x2d, idx, g_rows, dual2d, tuple(states2d), step, hp, g2_rows, rule_name, rowwise, exact)
+    x_new, dual_new, new_states = fn(
+        x2d.index_select(0, idx), g_rows, dual2d.index_select(0, idx),
+        tuple(s.index_select(0, idx) for s in states2d), step, hp, g2_rows, rule_name, rowwise,
+        exact)
+    x2d.index_copy_(0, idx, x_new)
+    dual2d.index_copy_(0, idx, dual_new)
+    for s, n in zip(states2d, new_states):
+        s.index_copy_(0, idx, n)

@@ -55,11 +55,12 @@ def group_norm(s: Tensor, sigma: Tensor, lambda2, exact: bool) -> Tensor:
 def group_shrink(norm: Tensor, lambda21, group_size: int) -> Tensor:
     """``max(1 - sqrt(d) * lambda21 / ||s||, 0)``; exactly 0 when ``||s|| <= sqrt(d) * lambda21``.
 
-    Written with ``where`` so that ``lambda21 == 0`` gives exactly 1 for every non-zero group and
-    no NaN appears for an all-zero group.
+    Written with ``where`` so that ``lambda21 == 0`` gives exactly 1 (also for a group whose norm
+    underflows to 0) and no NaN appears for an all-zero group.
     """
     threshold = math.sqrt(group_size) * lambda21
-    return torch.where(norm > threshold, 1.0 - threshold / norm, torch.zeros_like(norm))
+    return torch.where(norm > threshold, 1.0 - threshold / norm,
+                       torch.zeros_like(norm) + (threshold == 0))
 
 
 def prox(z: Tensor, sigma: Tensor, lambda1, lambda21, lambda2, exact: bool = False) -> Tensor:
