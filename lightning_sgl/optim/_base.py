@@ -158,11 +158,18 @@ class GroupOptimizer(Optimizer):
 
     @staticmethod
     def _finite_flags(tensors: list[Tensor]) -> list[bool]:
+        """Whether each tensor is free of NaN/Inf, with one cheap pass and one sync.
+
+        A tensor's sum is non-finite whenever an element is (NaN and Inf propagate); only when
+        a sum is non-finite is the exact element-wise test run (finite values can overflow it).
+        """
         if not tensors:
             return []
-        flags = torch.stack([torch.isfinite(t._values() if t.is_sparse else t).all()
-                             for t in tensors])
-        return flags.tolist()
+        values = [t._values() if t.is_sparse else t for t in tensors]
+        sums = torch.stack([v.sum(dtype=torch.float64 if v.dtype == torch.float64 else
+                                  torch.float32) for v in values])
+        flags = torch.isfinite(sums).tolist()
+        return [ok or bool(torch.isfinite(v).all()) for ok, v in zip(flags, values)]
 
     # ------------------------------------------------------------------ step
     @torch.no_grad()

@@ -16,7 +16,10 @@ tensors so that changing them (schedulers, lambda21 tuning) does not recompile.
 
 from __future__ import annotations
 
-import functools
+import contextlib
+import types
+import warnings
+from unittest import mock
 
 import torch
 from torch import Tensor
@@ -97,9 +100,9 @@ def rowwise_view(t: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- in-place front ends
-def _dense(param, grad, dual, states, rowwise_flags, step, hp, g2, rule_name, group_by, rowwise,
-           exact):
-    """Pure: new (param, dual, states) in their stored layouts."""
+def _dense_(param, grad, dual, states, rowwise_flags, step, hp, g2, rule_name, group_by, rowwise,
+            exact):
+    """Algorithm 1 on a whole parameter, writing param, dual and states in place."""
     shape = param.shape
     st = tuple(rowwise_view(s) if rw else to_groups(s, group_by)
                for s, rw in zip(states, rowwise_flags))
@@ -107,21 +110,70 @@ def _dense(param, grad, dual, states, rowwise_flags, step, hp, g2, rule_name, gr
         to_groups(param, group_by), to_groups(grad, group_by), to_groups(dual, group_by), st,
         rule=get_rule(rule_name), step=step, hp=hp,
         g2=None if g2 is None else to_groups(g2, group_by), rowwise=rowwise, exact=exact)
-    return (from_groups(x_new, group_by, shape), from_groups(dual_new, group_by, shape),
-            tuple(n.squeeze(1) if rw else from_groups(n, group_by, shape)
-                  for n, rw in zip(new_states, rowwise_flags)))
+    param.copy_(from_groups(x_new, group_by, shape))
+    dual.copy_(from_groups(dual_new, group_by, shape))
+    for s, n, rw in zip(states, new_states, rowwise_flags):
+        s.copy_(n.squeeze(1) if rw else from_groups(n, group_by, shape))
 
 
 def _rows(x_rows, g_rows, dual_rows, state_rows, step, hp, g2_rows, rule_name, rowwise, exact):
+    """Pure: Algorithm 1 on gathered rows."""
     return group_step(x_rows, g_rows, dual_rows, state_rows, rule=get_rule(rule_name), step=step,
                       hp=hp, g2=g2_rows, rowwise=rowwise, exact=exact)
 
 
-@functools.cache
-def _compiled(fn):
-    # The compiled functions are pure (they return new tensors); the writes happen outside.
-    # (Inductor 2.13's CPU outer-loop fusion fails on in-place state mutation inside the graph.)
-    return torch.compile(fn, dynamic=True)
+#: parameters smaller than this run eagerly even with ``compiled=True`` (a compile per shape
+#: would cost more than it saves)
+COMPILE_MIN_NUMEL = 1 << 16
+_COMPILED: dict = {}
+_BROKEN: set = set()
+_WARNED: set = set()
+
+
+def _compiled_for(fn, key, dynamic: bool):
+    """A ``torch.compile``'d copy of ``fn`` for one static configuration ``key``.
+
+    Each key gets its own code object, hence its own dynamo cache: many layouts/shapes in one
+    process never hit dynamo's per-function recompile limit.
+    """
+    compiled = _COMPILED.get(key)
+    if compiled is None:
+        code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_COMPILED)}")
+        clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
+        compiled = _COMPILED[key] = torch.compile(clone, dynamic=dynamic)
+    return compiled
+
+
+def _without_cpp_outer_loop_fusion():
+    """Inductor 2.13's C++ outer-loop fusion fails on some row-norm graphs (KeyError 'bufN');
+    compiling with it disabled is the fallback before eager."""
+    try:
+        from torch._inductor.codegen.cpp import CppScheduling
+    except ImportError:  # pragma: no cover
+        return contextlib.nullcontext()
+    return mock.patch.object(CppScheduling, "can_fuse_vertical_outer_loop",
+                             lambda *args, **kwargs: False)
+
+
+def _run_compiled(fn, key, dynamic, eager_args, tensor_args):
+    """Run the compiled variant; on compiler failures retry without C++ outer-loop fusion, then
+    warn once and use the eager path (compile errors surface before any write happens)."""
+    last = None
+    for variant, context in ((key, contextlib.nullcontext),
+                             (key + ("no-outer-loop-fusion",), _without_cpp_outer_loop_fusion)):
+        if variant in _BROKEN:
+            continue
+        try:
+            with context():
+                return _compiled_for(fn, variant, dynamic)(*tensor_args)
+        except Exception as err:
+            _BROKEN.add(variant)
+            last = err
+    if key not in _WARNED:
+        _WARNED.add(key)
+        warnings.warn(f"lightning_sgl: torch.compile failed for {key[:6]} ({last!r:.200}); "
+                      "using the eager path for it", RuntimeWarning, stacklevel=3)
+    return fn(*eager_args)
 
 
 def _tensor_hp(hp: dict, step, like: Tensor):
@@ -142,16 +194,16 @@ def apply_dense_(param, grad, dual, states, rowwise_flags, *, step, hp, rule_nam
 
     ``states`` are stored parameter-shaped, except row-wise second moments (``[G]``).
     """
-    fn = _dense
-    if compiled:
-        fn = _compiled(_dense)
-        hp, step = _tensor_hp(hp, step, param)
-    x_new, dual_new, new_states = fn(param, grad, dual, tuple(states), tuple(rowwise_flags), step,
-                                     hp, g2, rule_name, group_by, rowwise, exact)
-    param.copy_(x_new)
-    dual.copy_(dual_new)
-    for s, n in zip(states, new_states):
-        s.copy_(n)
+    args = (param, grad, dual, tuple(states), tuple(rowwise_flags), step, hp, g2, rule_name,
+            group_by, rowwise, exact)
+    if not compiled or param.numel() < COMPILE_MIN_NUMEL:
+        return _dense_(*args)
+    hp_t, step_t = _tensor_hp(hp, step, param)
+    key = ("dense", rule_name, group_by, rowwise, exact, g2 is not None, tuple(param.shape),
+           param.dtype, param.device, tuple(sorted(hp)))
+    t_args = (param, grad, dual, tuple(states), tuple(rowwise_flags), step_t, hp_t, g2,
+              rule_name, group_by, rowwise, exact)
+    return _run_compiled(_dense_, key, False, args, t_args)
 
 
 def apply_rows_(x2d, idx, g_rows, dual2d, states2d, *, step, hp, rule_name, rowwise=False,
@@ -161,14 +213,19 @@ def apply_rows_(x2d, idx, g_rows, dual2d, states2d, *, step, hp, rule_name, roww
     Rows not in ``idx`` keep weights, dual and moments unchanged. ``idx`` must be unique and
     ``g_rows`` the summed gradient of each of those rows. Row-wise states are ``[G, 1]`` views.
     """
-    fn = _rows
+    rows = (x2d.index_select(0, idx), g_rows, dual2d.index_select(0, idx),
+            tuple(s.index_select(0, idx) for s in states2d))
+    args = (*rows, step, hp, g2_rows, rule_name, rowwise, exact)
     if compiled:
-        fn = _compiled(_rows)
-        hp, step = _tensor_hp(hp, step, x2d)
-    x_new, dual_new, new_states = fn(
-        x2d.index_select(0, idx), g_rows, dual2d.index_select(0, idx),
-        tuple(s.index_select(0, idx) for s in states2d), step, hp, g2_rows, rule_name, rowwise,
-        exact)
+        if g_rows._base is not None and g_rows._base.is_sparse:  # values() of a sparse grad
+            rows = (rows[0], g_rows.clone(), *rows[2:])
+        hp_t, step_t = _tensor_hp(hp, step, x2d)
+        key = ("rows", rule_name, rowwise, exact, g2_rows is not None, x2d.shape[1], x2d.dtype,
+               x2d.device, tuple(sorted(hp)))
+        x_new, dual_new, new_states = _run_compiled(
+            _rows, key, True, args, (*rows, step_t, hp_t, g2_rows, rule_name, rowwise, exact))
+    else:
+        x_new, dual_new, new_states = _rows(*args)
     x2d.index_copy_(0, idx, x_new)
     dual2d.index_copy_(0, idx, dual_new)
     for s, n in zip(states2d, new_states):

@@ -29,7 +29,7 @@ from __future__ import annotations
 import torch
 
 from ._base import GroupOptimizer
-from ._validation import check_betas, check_nonnegative, check_positive, check_unit_interval
+from ._validation import check_betas, check_nonnegative, check_unit_interval
 
 __all__ = [
     "GroupSGD",

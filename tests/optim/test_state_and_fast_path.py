@@ -5,7 +5,7 @@ import copy
 import pytest
 import torch
 
-from lightning_sgl.optim import GroupAdagrad, GroupAdam
+from lightning_sgl.optim import GroupAdagrad, GroupAdam, _functional
 
 from .helpers import TinyCTR, batches, loss_fn
 from .infos import FIRST_ORDER
@@ -53,8 +53,10 @@ def test_lambda21_changed_between_steps_takes_effect():
 
 
 @pytest.fixture
-def fresh_dynamo():
-    torch._dynamo.reset()  # each configuration compiles its own variant; keep under the limit
+def fresh_dynamo(monkeypatch):
+    # compile even the tiny test tensors (the library runs tensors below the threshold eagerly)
+    monkeypatch.setattr(_functional, "COMPILE_MIN_NUMEL", 0)
+    _functional._WARNED.clear()
     yield
     torch._dynamo.reset()
 
@@ -80,6 +82,8 @@ def test_compiled_path_equals_eager(cls, kw, sparse, fresh_dynamo):
             o.zero_grad()
             loss_fn(m, ids, y).backward()
             o.step()
+    assert _functional._COMPILED, "the compiled path did not run"
+    assert not _functional._WARNED, "a compiled variant fell back to eager"
     for p, q in zip(eager.parameters(), fast.parameters()):
         assert (p - q).abs().max() <= 1e-12
         for k in oe.state[p]:

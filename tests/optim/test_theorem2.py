@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from .helpers import TinyCTR, batches, loss_fn
-from .infos import FIRST_ORDER, BY_NAME
+from .infos import BY_NAME, FIRST_ORDER
 
 STEPS = 50
 
@@ -77,7 +77,7 @@ def test_adahessian_equals_plain_adahessian():
     ref_step, ref_state = _plain_adahessian(list(ref.parameters()), kw["lr"], kw["betas"],
                                             kw["eps"], kw["seed"])
     for ids, y in batches(STEPS):
-        def closure():
+        def closure(ids=ids, y=y):
             opt.zero_grad()
             loss = loss_fn(ours, ids, y)
             loss.backward(create_graph=True)

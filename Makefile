@@ -1,0 +1,33 @@
+# lightning-sgl: two commands do all set-up on a fresh machine.
+#   make demo   - create .venv if missing, install, run the main job
+#   make test   - create .venv if missing, install, run the whole test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+
+.PHONY: install demo test lint format bench clean
+
+$(STAMP): constraints.txt pyproject.toml scripts/install.sh
+	bash scripts/install.sh $(VENV)
+	touch $(STAMP)
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(PY) examples/demo.py
+
+test: $(STAMP)
+	$(PY) -m ruff check lightning_sgl torchrec_ext tests examples benchmarks
+	$(PY) -m pytest -q
+
+lint: $(STAMP)
+	$(PY) -m ruff check lightning_sgl torchrec_ext tests examples benchmarks
+
+format: $(STAMP)
+	$(PY) -m ruff format lightning_sgl torchrec_ext tests examples benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/bench_dense.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache
