@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._functional import apply_dense_, apply_rows_, rowwise_view, to_groups
+from ._functional import apply_dense_, apply_rows_, from_groups, reprox, rowwise_view, to_groups
 from ._moments import get_rule
 from ._validation import (
     GROUP_BY_OPTIONS,
@@ -212,6 +212,30 @@ class GroupOptimizer(Optimizer):
                 self._lazy(p, grad, g2, state["dual"], states, rw, gb, i in bad, kw)
             else:
                 apply_dense_(p, grad, state["dual"], states, rw, g2=g2, group_by=gb, **kw)
+
+    @torch.no_grad()
+    def reapply_prox(self) -> None:
+        """Re-apply the proximal step with the current hyperparameters to every parameter that
+        has state, without a gradient (e.g. after ``lambda21`` was changed, so that rows the
+        batches do not touch follow the new value). See :func:`._functional.reprox`."""
+        rule = get_rule(self.rule)
+        for group in self.param_groups:
+            self._validate(group, params=None)
+            names = group.get("param_names") or [None] * len(group["params"])
+            for p, name in zip(group["params"], names):
+                state = self.state.get(p)
+                if not state:
+                    continue
+                gb = resolve_group_by(p, group["group_by"], name)
+                rw = group["rowwise"]
+                states = tuple(rowwise_view(state[n]) if rw and n in rule.second_moment_names
+                               else to_groups(state[n], gb) for n in rule.state_names)
+                x_new, dual_new = reprox(
+                    to_groups(p, gb), to_groups(state["dual"], gb), states, rule=rule,
+                    step=max(state["step"].item(), 1.0), hp=self._hp(group, gb),
+                    exact=group["exact_group_norm"])
+                p.copy_(from_groups(x_new, gb, p.shape))
+                state["dual"].copy_(from_groups(dual_new, gb, p.shape))
 
     @staticmethod
     def _lazy(p, grad, g2, dual, states, rw, gb, skip_nonfinite, kw) -> None:

@@ -24,11 +24,27 @@ from unittest import mock
 import torch
 from torch import Tensor
 
-from ._dual import dual_carry, dual_update
+from ._dual import dual_carry, dual_to_z, dual_update
 from ._moments import MomentRule, get_rule
 from ._prox import prox
 
-__all__ = ["group_step", "apply_dense_", "apply_rows_", "to_groups", "from_groups"]
+__all__ = ["group_step", "reprox", "second_moment_input", "apply_dense_", "apply_rows_", "to_groups",
+           "from_groups"]
+
+
+def second_moment_input(g: Tensor, g2: Tensor | None, rowwise: bool, group_size=None,
+                        reduce_sum=None) -> Tensor:
+    """What ``V`` accumulates: ``g*g`` (or AdaHessian's ``D^2``), or its row mean if row-wise.
+
+    For a column shard the row mean is ``reduce_sum(sum of the local part) / full width``.
+    """
+    if g2 is None:
+        g2 = g * g
+    if not rowwise:
+        return g2
+    if reduce_sum is None:
+        return g2.mean(dim=1, keepdim=True)
+    return reduce_sum(g2.sum(dim=1, keepdim=True)) / group_size
 
 
 def group_step(
@@ -43,6 +59,8 @@ def group_step(
     g2: Tensor | None = None,
     rowwise: bool = False,
     exact: bool = False,
+    group_size=None,
+    reduce_sum=None,
 ) -> tuple[Tensor, Tensor, tuple[Tensor, ...]]:
     """One step of Algorithm 1 on a group matrix (pure: inputs are not modified).
 
@@ -57,19 +75,39 @@ def group_step(
         g2: what the second moment accumulates; default ``g*g`` (AdaHessian passes ``D_t^2``).
         rowwise: one second moment per row, accumulating the row mean of ``g2``.
         exact: use the exact group norm ``||A^{-1/2} s||`` instead of ``||s||``.
+        group_size: the group width ``d_g`` if a row here is only part of its group (column
+            shards); a number or a ``[G, 1]`` tensor. Default ``d``.
+        reduce_sum: sums per-row partial sums ``[G, 1]`` over the other parts of each group
+            (an all-reduce over column shards). Default: the row is the whole group.
 
     Returns:
         ``(x_{t+1}, u_t, new_states)``.
     """
     if rule.uses_g2:
-        if g2 is None:
-            g2 = g * g
-        if rowwise:
-            g2 = g2.mean(dim=1, keepdim=True)
-    m, new_states, sigma = rule.update(g, g2, states, step, hp)
+        g2 = second_moment_input(g, g2, rowwise, group_size, reduce_sum)
+    m, new_states = rule.update(g, g2, states, step, hp)
+    sigma = rule.sigma(new_states, step, hp, x)
     z = dual_update(dual, m, sigma, x)
-    x_new = prox(z, sigma, hp["lambda1"], hp["lambda21"], hp["lambda2"], exact)
+    x_new = prox(z, sigma, hp["lambda1"], hp["lambda21"], hp["lambda2"], exact, group_size,
+                 reduce_sum)
     return x_new, dual_carry(z, sigma, x_new), new_states
+
+
+def reprox(x: Tensor, dual: Tensor, states: tuple[Tensor, ...], *, rule: MomentRule, step, hp: dict,
+           exact: bool = False, group_size=None, reduce_sum=None) -> tuple[Tensor, Tensor]:
+    """Re-apply the prox with the current hyperparameters, without a gradient (pure).
+
+    ``sigma`` is recomputed from the stored moments at ``step`` (for Adam-type rules its bias
+    correction is the one of ``step``, the row's own last step is not stored). With
+    ``z = u - sigma x`` and ``x' = prox(z, sigma)`` the row is moved to the minimiser of the
+    current objective; ``u' = z + sigma x'`` keeps the dual consistent. With unchanged lambdas
+    and no regularisation this is the identity. Returns ``(x', u')``.
+    """
+    sigma = rule.sigma(states, step, hp, x)
+    z = dual_to_z(dual, sigma, x)
+    x_new = prox(z, sigma, hp["lambda1"], hp["lambda21"], hp["lambda2"], exact, group_size,
+                 reduce_sum)
+    return x_new, dual_carry(z, sigma, x_new)
 
 
 # --------------------------------------------------------------------------- layouts

@@ -1,6 +1,8 @@
 """Moment rules ``phi_t`` / ``psi_t`` of Table 1, one pure function per base optimizer.
 
-Each rule maps ``(g, g2, states, step, hp)`` to ``(m_t, new_states, sigma_t)`` where
+Each rule has ``update(g, g2, states, step, hp) -> (m_t, new_states)`` and
+``sigma(states, step, hp, like) -> sigma_t`` (evaluated on the updated states, so the prox can be
+re-applied later without a gradient), where
 
 - ``g`` is the gradient rows ``[G, d]`` and ``g2`` the quantity the second moment accumulates:
   ``g*g`` element-wise, its row mean ``[G, 1]`` for a row-wise second moment, or the squared
@@ -35,7 +37,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor
 
 __all__ = ["MomentRule", "RULES", "get_rule"]
 
@@ -49,83 +50,92 @@ class MomentRule:
     state_names: tuple[str, ...]
     #: the subset of ``state_names`` that is one float per row under ``rowwise=True``
     second_moment_names: tuple[str, ...]
+    #: ``(g, g2, states, step, hp) -> (m_t, new_states)``
     update: Callable
+    #: ``(states, step, hp, like) -> sigma_t``, from the states after the update
+    sigma: Callable
     #: whether the rule consumes ``g2`` (has a second moment at all)
     uses_g2: bool = True
 
 
-def _sgd(g, g2, states, step, hp):
-    return g, (), step**0.5 / hp["lr"] + torch.zeros_like(g[:, :1])
+def _const_like(value, like):
+    return value + torch.zeros_like(like[:, :1])
 
 
-def _momentum(g, g2, states, step, hp):
+# --- each rule: update(g, g2, states, step, hp) -> (m_t, new_states);
+# ---            sigma(states, step, hp, like) -> sqrt(V_t)/alpha_t from the (updated) states
+
+
+def _sgd_update(g, g2, states, step, hp):
+    return g, ()
+
+
+def _sgd_sigma(states, step, hp, like):
+    return _const_like(step**0.5 / hp["lr"], like)
+
+
+def _momentum_update(g, g2, states, step, hp):
     (buf,) = states
     buf = hp["momentum"] * buf + g
-    return buf, (buf,), 1.0 / hp["lr"] + torch.zeros_like(g[:, :1])
+    return buf, (buf,)
 
 
-def _adagrad(g, g2, states, step, hp):
+def _momentum_sigma(states, step, hp, like):
+    return _const_like(1.0 / hp["lr"], like)
+
+
+def _adagrad_update(g, g2, states, step, hp):
     (acc,) = states
-    acc = acc + g2
+    return g, (acc + g2,)
+
+
+def _adagrad_sigma(states, step, hp, like):
+    (acc,) = states
     clr = hp["lr"] / (1.0 + (step - 1.0) * hp["lr_decay"])
-    return g, (acc,), (torch.sqrt(acc) + hp["eps"]) / clr
+    return (torch.sqrt(acc) + hp["eps"]) / clr
 
 
-def _bias_corrections(step, hp):
+def _adam_update(g, g2, states, step, hp):
     beta1, beta2 = hp["betas"]
-    return 1.0 - beta1**step, (1.0 - beta2**step) ** 0.5
-
-
-def _adam(g, g2, states, step, hp):
-    beta1, beta2 = hp["betas"]
-    exp_avg, exp_avg_sq = states
+    exp_avg, exp_avg_sq = states[:2]
     exp_avg = beta1 * exp_avg + (1.0 - beta1) * g
     exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * g2
-    bc1, bc2_sqrt = _bias_corrections(step, hp)
-    sigma = (torch.sqrt(exp_avg_sq) / bc2_sqrt + hp["eps"]) / hp["lr"]
-    return exp_avg / bc1, (exp_avg, exp_avg_sq), sigma
+    return exp_avg / (1.0 - beta1**step), (exp_avg, exp_avg_sq)
 
 
-def _amsgrad(g, g2, states, step, hp):
-    beta1, beta2 = hp["betas"]
-    exp_avg, exp_avg_sq, max_exp_avg_sq = states
-    exp_avg = beta1 * exp_avg + (1.0 - beta1) * g
-    exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * g2
-    max_exp_avg_sq = torch.maximum(max_exp_avg_sq, exp_avg_sq)
-    bc1, bc2_sqrt = _bias_corrections(step, hp)
-    sigma = (torch.sqrt(max_exp_avg_sq) / bc2_sqrt + hp["eps"]) / hp["lr"]
-    return exp_avg / bc1, (exp_avg, exp_avg_sq, max_exp_avg_sq), sigma
+def _adam_sigma(states, step, hp, like):
+    bc2_sqrt = (1.0 - hp["betas"][1] ** step) ** 0.5
+    return (torch.sqrt(states[1]) / bc2_sqrt + hp["eps"]) / hp["lr"]
 
 
-def _adahessian(g, g2, states, step, hp):
-    # g2 is D_t^2, the squared Hutchinson estimate of diag(H_t) (AdaHessian, Yao et al. 2021)
-    beta1, beta2 = hp["betas"]
-    exp_avg, exp_hessian_sq = states
-    exp_avg = beta1 * exp_avg + (1.0 - beta1) * g
-    exp_hessian_sq = beta2 * exp_hessian_sq + (1.0 - beta2) * g2
-    bc1 = 1.0 - beta1**step
-    bc2 = 1.0 - beta2**step
-    k = hp["hessian_power"]
-    sigma = ((exp_hessian_sq / bc2) ** (k / 2.0) + hp["eps"]) / hp["lr"]
-    return exp_avg / bc1, (exp_avg, exp_hessian_sq), sigma
+def _amsgrad_update(g, g2, states, step, hp):
+    m, (exp_avg, exp_avg_sq) = _adam_update(g, g2, states, step, hp)
+    return m, (exp_avg, exp_avg_sq, torch.maximum(states[2], exp_avg_sq))
+
+
+def _amsgrad_sigma(states, step, hp, like):
+    bc2_sqrt = (1.0 - hp["betas"][1] ** step) ** 0.5
+    return (torch.sqrt(states[2]) / bc2_sqrt + hp["eps"]) / hp["lr"]
+
+
+def _adahessian_sigma(states, step, hp, like):
+    # states[1] accumulates D_t^2, the squared Hutchinson estimate of diag(H_t)
+    bc2 = 1.0 - hp["betas"][1] ** step
+    return ((states[1] / bc2) ** (hp["hessian_power"] / 2.0) + hp["eps"]) / hp["lr"]
 
 
 RULES: dict[str, MomentRule] = {
     r.name: r
     for r in (
-        MomentRule("sgd", (), (), _sgd, uses_g2=False),
-        MomentRule("momentum", ("momentum_buffer",), (), _momentum, uses_g2=False),
-        MomentRule("adagrad", ("sum",), ("sum",), _adagrad),
-        MomentRule("adam", ("exp_avg", "exp_avg_sq"), ("exp_avg_sq",), _adam),
-        MomentRule(
-            "amsgrad",
-            ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-            ("exp_avg_sq", "max_exp_avg_sq"),
-            _amsgrad,
-        ),
-        MomentRule(
-            "adahessian", ("exp_avg", "exp_hessian_diag_sq"), ("exp_hessian_diag_sq",), _adahessian
-        ),
+        MomentRule("sgd", (), (), _sgd_update, _sgd_sigma, uses_g2=False),
+        MomentRule("momentum", ("momentum_buffer",), (), _momentum_update, _momentum_sigma,
+                   uses_g2=False),
+        MomentRule("adagrad", ("sum",), ("sum",), _adagrad_update, _adagrad_sigma),
+        MomentRule("adam", ("exp_avg", "exp_avg_sq"), ("exp_avg_sq",), _adam_update, _adam_sigma),
+        MomentRule("amsgrad", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
+                   ("exp_avg_sq", "max_exp_avg_sq"), _amsgrad_update, _amsgrad_sigma),
+        MomentRule("adahessian", ("exp_avg", "exp_hessian_diag_sq"), ("exp_hessian_diag_sq",),
+                   _adam_update, _adahessian_sigma),
     )
 }
 
@@ -135,10 +145,3 @@ def get_rule(name: str) -> MomentRule:
         return RULES[name]
     except KeyError:
         raise ValueError(f"Unknown base optimizer {name!r}; valid: {sorted(RULES)}") from None
-
-
-def zero_moment_like(rule: MomentRule, name: str, rows: Tensor, rowwise: bool, init: float = 0.0):
-    """A fresh state tensor for ``name``: like ``rows`` (``[G, d]``), or ``[G, 1]`` if row-wise."""
-    if rowwise and name in rule.second_moment_names:
-        return torch.full_like(rows[:, :1], init, memory_format=torch.contiguous_format)
-    return torch.full_like(rows, init, memory_format=torch.contiguous_format)

@@ -25,8 +25,6 @@ so the l21 threshold does not depend on the second moment, ``alpha`` or ``lambda
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
@@ -41,38 +39,45 @@ def soft_threshold(z: Tensor, lambda1) -> Tensor:
     return -torch.sign(z) * torch.clamp(z.abs() - lambda1, min=0)
 
 
-def group_norm(s: Tensor, sigma: Tensor, lambda2, exact: bool) -> Tensor:
+def group_norm(s: Tensor, sigma: Tensor, lambda2, exact: bool, reduce_sum=None) -> Tensor:
     """Per-row l2 norm used by the group shrink, shape ``[G, 1]``.
 
     ``exact=False``: ``||s||`` (Algorithm 1). ``exact=True``: ``||A^{-1/2} s||`` with
-    ``A = sigma/2 + lambda2`` (the true minimiser of objective (6)).
+    ``A = sigma/2 + lambda2`` (the true minimiser of objective (6)). ``reduce_sum``, if given, sums
+    the per-row partial squared norms over the pieces of a row held elsewhere (column shards).
     """
     if exact:
         s = s / torch.sqrt(sigma * 0.5 + lambda2)
-    return torch.linalg.vector_norm(s, dim=1, keepdim=True)
+    if reduce_sum is None:
+        return torch.linalg.vector_norm(s, dim=1, keepdim=True)
+    return torch.sqrt(reduce_sum(torch.sum(s * s, dim=1, keepdim=True)))
 
 
-def group_shrink(norm: Tensor, lambda21, group_size: int) -> Tensor:
+def group_shrink(norm: Tensor, lambda21, group_size) -> Tensor:
     """``max(1 - sqrt(d) * lambda21 / ||s||, 0)``; exactly 0 when ``||s|| <= sqrt(d) * lambda21``.
 
-    Written with ``where`` so that ``lambda21 == 0`` gives exactly 1 (also for a group whose norm
-    underflows to 0) and no NaN appears for an all-zero group.
+    ``group_size`` is ``d`` (a number, or a ``[G, 1]`` tensor when rows differ). Written with
+    ``where`` so that ``lambda21 == 0`` gives exactly 1 (also for a group whose norm underflows to
+    0) and no NaN appears for an all-zero group.
     """
-    threshold = math.sqrt(group_size) * lambda21
+    threshold = group_size**0.5 * lambda21
     return torch.where(norm > threshold, 1.0 - threshold / norm,
                        torch.zeros_like(norm) + (threshold == 0))
 
 
-def prox(z: Tensor, sigma: Tensor, lambda1, lambda21, lambda2, exact: bool = False) -> Tensor:
+def prox(z: Tensor, sigma: Tensor, lambda1, lambda21, lambda2, exact: bool = False,
+         group_size=None, reduce_sum=None) -> Tensor:
     """Lines 7-10 of Algorithm 1: ``x_{t+1}`` from the dual ``z_t`` and ``sigma_t = sqrt(V_t)/alpha_t``.
 
     ``z`` is ``[G, d]`` (rows are groups); ``sigma`` broadcasts to it (``[G, d]`` element-wise or
-    ``[G, 1]`` row-wise second moment). Returns the new weights ``[G, d]``.
+    ``[G, 1]`` row-wise second moment). ``group_size`` defaults to ``d``; a column shard of a
+    table passes the full row width and a ``reduce_sum`` that adds the other shards' partial
+    squared norms, so the shrink equals the unsharded one. Returns the new weights ``[G, d]``.
     """
     s = soft_threshold(z, lambda1)
-    norm = group_norm(s, sigma, lambda2, exact)
+    norm = group_norm(s, sigma, lambda2, exact, reduce_sum)
     denom = sigma + 2.0 * lambda2
-    x = s * group_shrink(norm, lambda21, z.shape[1]) / denom
+    x = s * group_shrink(norm, lambda21, z.shape[1] if group_size is None else group_size) / denom
     # sigma + 2*lambda2 is 0 only for eps=0 and a coordinate that never had a gradient (then s=0):
     # define x = 0 there instead of 0/0, so that no NaN enters a table.
     return torch.where(denom > 0, x, torch.zeros_like(x))

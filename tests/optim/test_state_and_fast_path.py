@@ -88,3 +88,19 @@ def test_compiled_path_equals_eager(cls, kw, sparse, fresh_dynamo):
         assert (p - q).abs().max() <= 1e-12
         for k in oe.state[p]:
             assert (oe.state[p][k] - of.state[q][k]).abs().max() <= 1e-12, k
+
+
+@pytest.mark.parametrize("info", FIRST_ORDER, ids=lambda i: i.name)
+def test_reapply_prox_is_identity_without_change_and_applies_new_lambda21(info):
+    model = TinyCTR()
+    emb = model.net.embedding.weight
+    rest = [p for p in model.parameters() if p is not emb]
+    opt = info.cls([{"params": [emb], "lambda21": 0.0}, {"params": rest}], **info.kwargs)
+    _train(model, opt, batches(5))
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.reapply_prox()
+    for p, q in zip(model.parameters(), before):
+        assert (p - q).abs().max() <= 1e-12
+    opt.param_groups[0]["lambda21"] = 1e6
+    opt.reapply_prox()
+    assert (emb == 0).all()
