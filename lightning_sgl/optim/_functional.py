@@ -154,10 +154,12 @@ def _dense_(param, grad, dual, states, rowwise_flags, step, hp, g2, rule_name, g
         s.copy_(n.squeeze(1) if rw else from_groups(n, group_by, shape))
 
 
-def _rows(x_rows, g_rows, dual_rows, state_rows, step, hp, g2_rows, rule_name, rowwise, exact):
+def _rows(x_rows, g_rows, dual_rows, state_rows, step, hp, g2_rows, rule_name, rowwise, exact,
+          group_size=None, reduce_sum=None):
     """Pure: Algorithm 1 on gathered rows."""
     return group_step(x_rows, g_rows, dual_rows, state_rows, rule=get_rule(rule_name), step=step,
-                      hp=hp, g2=g2_rows, rowwise=rowwise, exact=exact)
+                      hp=hp, g2=g2_rows, rowwise=rowwise, exact=exact, group_size=group_size,
+                      reduce_sum=reduce_sum)
 
 
 #: parameters smaller than this run eagerly even with ``compiled=True`` (a compile per shape
@@ -245,12 +247,15 @@ def apply_dense_(param, grad, dual, states, rowwise_flags, *, step, hp, rule_nam
 
 
 def apply_rows_(x2d, idx, g_rows, dual2d, states2d, *, step, hp, rule_name, rowwise=False,
-                exact=False, g2_rows=None, compiled=False):
+                exact=False, g2_rows=None, compiled=False, group_size=None, reduce_sum=None):
     """Algorithm 1 on the rows ``idx`` of group matrices only (lazy row semantics).
 
     Rows not in ``idx`` keep weights, dual and moments unchanged. ``idx`` must be unique and
     ``g_rows`` the summed gradient of each of those rows. Row-wise states are ``[G, 1]`` views.
+    ``group_size``/``reduce_sum``: see :func:`group_step` (column shards; eager path only).
     """
+    if group_size is not None or reduce_sum is not None:
+        compiled = False
     rows = (x2d.index_select(0, idx), g_rows, dual2d.index_select(0, idx),
             tuple(s.index_select(0, idx) for s in states2d))
     args = (*rows, step, hp, g2_rows, rule_name, rowwise, exact)
@@ -263,7 +268,7 @@ def apply_rows_(x2d, idx, g_rows, dual2d, states2d, *, step, hp, rule_name, roww
         x_new, dual_new, new_states = _run_compiled(
             _rows, key, True, args, (*rows, step_t, hp_t, g2_rows, rule_name, rowwise, exact))
     else:
-        x_new, dual_new, new_states = _rows(*args)
+        x_new, dual_new, new_states = _rows(*args, group_size, reduce_sum)
     x2d.index_copy_(0, idx, x_new)
     dual2d.index_copy_(0, idx, dual_new)
     for s, n in zip(states2d, new_states):

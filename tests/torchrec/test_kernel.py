@@ -1,0 +1,195 @@
+"""The fused kernel equals the torch.optim Group optimizer with sparse gradients (lazy rows).
+
+20 steps; weights and every state, touched and untouched rows; every fusable optimizer,
+element-wise and row-wise, lambdas zero and non-zero, SUM and MEAN pooling, per-sample weights,
+features sharing a table, tables of different widths.
+"""
+
+import pytest
+import torch
+
+from lightning_sgl.optim import NonFiniteGradientError
+from torchrec_ext import GroupTBE, TableSpec
+
+from .helpers import CLASSES, HP, LAMBDAS, Reference, lambdas_for, make_batch
+
+TABLES = [TableSpec("a", 13, 4), TableSpec("b", 9, 8), TableSpec("c", 11, 4)]
+FTM = [0, 1, 0, 2]  # feature 0 and 2 share table "a"
+VOCAB = [TABLES[t].local_rows for t in FTM]
+
+
+def _pair(opt, rowwise, lambdas, pooling, seed=0, dtype=torch.float32):
+    kernel = GroupTBE(TABLES, FTM, pooling=pooling, optimizer=opt,
+                      hyperparameters={**HP[opt], **lambdas}, rowwise=rowwise, dtype=dtype)
+    torch.manual_seed(seed)
+    for w in kernel.split_embedding_weights():
+        w.uniform_(-0.3, 0.3)
+    ref = Reference(kernel.split_embedding_weights(), FTM, pooling)
+    kw = dict(HP[opt], **lambdas, group_by="row")
+    if rowwise:
+        kw["rowwise"] = True
+    ref_opt = CLASSES[opt]([t.weight for t in ref.tables], **kw)
+    return kernel, ref, ref_opt
+
+
+def _train(kernel, ref, ref_opt, steps, weighted, seed=1, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    for _ in range(steps):
+        indices, offsets, w = make_batch(gen, VOCAB, batch=4, weighted=weighted, dtype=dtype)
+        target = torch.randn(4, sum(TABLES[t].local_cols for t in FTM), generator=gen,
+                             dtype=dtype)
+        out = kernel(indices, offsets, w)
+        (out * target).sum().backward()
+        ref_opt.zero_grad()
+        out_ref = ref(indices, offsets, w)
+        assert (out - out_ref).abs().max() <= 1e-6
+        (out_ref * target).sum().backward()
+        ref_opt.step()
+
+
+def _err(a, b):
+    """Absolute error, relative for magnitudes above 1 (fp32 sums in another order)."""
+    return ((a - b).abs() / b.abs().clamp(min=1.0)).max().item()
+
+
+def _compare(kernel, ref, ref_opt, tol=1e-6, dual_tol=1e-5):
+    """Weights and moments to ``tol``. The stored dual u = z + sigma*x is a small difference of
+    large terms (|sigma*x| ~ 30 here), so in fp32 it carries ~ulp(30) = 4e-6 of rounding: it is
+    compared to ``dual_tol``; the float64 run compares everything to 1e-10."""
+    worst, worst_dual = 0.0, 0.0
+    for w, t, st in zip(kernel.split_embedding_weights(), ref.tables,
+                        kernel.get_optimizer_state()):
+        worst = max(worst, _err(w, t.weight))
+        ref_state = ref_opt.state[t.weight]
+        assert set(st) == set(ref_state) - {"step"}
+        for name, v in st.items():
+            if name == "dual":
+                worst_dual = max(worst_dual, _err(v, ref_state[name]))
+            else:
+                worst = max(worst, _err(v, ref_state[name]))
+        assert kernel.step.item() == ref_state["step"].item()
+    assert worst <= tol, worst
+    assert worst_dual <= dual_tol, worst_dual
+    return worst
+
+
+@pytest.mark.parametrize("opt", list(CLASSES))
+@pytest.mark.parametrize("rowwise", [False, True])
+@pytest.mark.parametrize("reg", [False, True], ids=["no-reg", "reg"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=["fp32", "fp64"])
+def test_fused_equals_sparse_reference(opt, rowwise, reg, dtype):
+    if rowwise and opt in ("sgd", "momentum"):
+        pytest.skip("no second moment")
+    lambdas = lambdas_for(opt) if reg else {}
+    kernel, ref, ref_opt = _pair(opt, rowwise, lambdas, "sum", dtype=dtype)
+    _train(kernel, ref, ref_opt, 20, weighted=False, dtype=dtype)
+    if dtype == torch.float64:
+        _compare(kernel, ref, ref_opt, tol=1e-10, dual_tol=1e-10)
+    else:
+        _compare(kernel, ref, ref_opt)
+    if lambdas:
+        zero = sum(int((w == 0).all(1).sum()) for w in kernel.split_embedding_weights())
+        assert zero > 0, "regularisation never zeroed a row: the test would prove little"
+
+
+@pytest.mark.parametrize("opt", ["adagrad", "adam"])
+@pytest.mark.parametrize("pooling", ["sum", "mean"])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_pooling_and_per_sample_weights(opt, pooling, weighted):
+    kernel, ref, ref_opt = _pair(opt, True, LAMBDAS, pooling)
+    _train(kernel, ref, ref_opt, 20, weighted=weighted)
+    _compare(kernel, ref, ref_opt)
+
+
+def test_untouched_rows_do_not_change_and_no_weight_grad():
+    kernel, _, _ = _pair("adam", False, LAMBDAS, "sum")
+    before = [w.clone() for w in kernel.split_embedding_weights()]
+    indices = torch.tensor([1, 2, 3, 4])  # f0: a[1], f1: b[2], f2: a[3], f3: c[4]
+    offsets = torch.tensor([0, 1, 2, 3, 4])
+    kernel(indices, offsets).sum().backward()
+    touched = {0: {1, 3}, 1: {2}, 2: {4}}
+    for t, (w, b) in enumerate(zip(kernel.split_embedding_weights(), before)):
+        for r in range(w.shape[0]):
+            assert torch.equal(w[r], b[r]) == (r not in touched[t])
+    assert kernel.weights.grad is None and not kernel.weights.requires_grad
+    assert kernel.seen.sum().item() == 4
+
+
+def test_per_sample_weight_gradient():
+    """d loss / d per-sample weight = <grad of its bag, its row> (before the update)."""
+    kernel, ref, _ = _pair("adagrad", False, {}, "sum", dtype=torch.float64)
+    gen = torch.Generator().manual_seed(3)
+    indices, offsets, w = make_batch(gen, VOCAB, batch=3, weighted=True, dtype=torch.float64)
+    w1 = w.clone().requires_grad_(True)
+    w2 = w.clone().requires_grad_(True)
+    target = torch.randn(3, 20, generator=gen, dtype=torch.float64)
+    (kernel(indices, offsets, w1) * target).sum().backward()
+    (ref(indices, offsets, w2) * target).sum().backward()
+    assert torch.allclose(w1.grad, w2.grad, atol=1e-12)
+
+
+def test_ids_out_of_range():
+    kernel, _, _ = _pair("adam", False, {}, "sum")
+    with pytest.raises(ValueError, match=r"ids out of range for table 'b': got id 9, valid \[0, 9\)"):
+        kernel(torch.tensor([0, 9, 0, 0]), torch.tensor([0, 1, 2, 3, 4]))
+    with pytest.raises(ValueError, match=r"ids out of range for table 'a': got id -1"):
+        kernel(torch.tensor([-1, 0, 0, 0]), torch.tensor([0, 1, 2, 3, 4]))
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nonfinite_gradient_raises_and_changes_nothing(bad):
+    kernel, _, _ = _pair("adam", True, LAMBDAS, "sum")
+    gen = torch.Generator().manual_seed(0)
+    indices, offsets, _ = make_batch(gen, VOCAB, batch=2)
+    kernel(indices, offsets).sum().backward()
+    snap = {k: v.clone() for k, v in kernel.state_dict().items()}
+    out = kernel(indices, offsets)
+    grad = torch.ones_like(out)
+    grad[0, 0] = bad
+    with pytest.raises(NonFiniteGradientError, match=r"non-finite \(NaN/Inf\) gradient.*table"):
+        out.backward(grad)
+    for k, v in kernel.state_dict().items():
+        assert torch.equal(v, snap[k]), k
+
+
+def test_nonfinite_skip_updates_the_finite_rows_only():
+    kernel = GroupTBE(TABLES, FTM, optimizer="adam", hyperparameters=HP["adam"], nonfinite="skip")
+    before = [w.clone() for w in kernel.split_embedding_weights()]
+    out = kernel(torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 3, 4]))
+    grad = torch.ones_like(out)
+    grad[0, 4:12] = float("nan")  # feature 1 -> table b row 2
+    out.backward(grad)
+    w = kernel.split_embedding_weights()
+    assert torch.equal(w[1][2], before[1][2])
+    assert not torch.equal(w[0][1], before[0][1])
+    assert torch.isfinite(kernel.weights).all() and torch.isfinite(kernel.dual).all()
+
+
+@pytest.mark.parametrize("opt,msg", [
+    ("adahessian", r"Invalid optimizer: 'adahessian' cannot run fused.*keep that table dense"),
+    ("lamb", r"Invalid optimizer: 'lamb' cannot run fused")])
+def test_unsupported_optimizer(opt, msg):
+    with pytest.raises(ValueError, match=msg):
+        GroupTBE(TABLES, FTM, optimizer=opt)
+
+
+def test_bad_hyperparameters():
+    with pytest.raises(ValueError, match=r"Invalid lambda21: -1.0"):
+        GroupTBE(TABLES, FTM, optimizer="adam", hyperparameters={"lambda21": -1.0})
+    with pytest.raises(ValueError, match=r"Invalid hyperparameters for 'adagrad': \['betas'\]"):
+        GroupTBE(TABLES, FTM, optimizer="adagrad", hyperparameters={"betas": (0.9, 0.9)})
+    k = GroupTBE(TABLES, FTM, optimizer="adam")
+    with pytest.raises(ValueError, match=r"Invalid learning rate \(lr\): -1"):
+        k.update_hyper_parameters({"lr": -1})
+    assert k.hp["lr"] == 1e-3
+
+
+def test_reapply_prox_zeroes_seen_rows_only():
+    kernel, _, _ = _pair("adagrad", False, {}, "sum")
+    kernel(torch.tensor([1, 2, 3, 4]), torch.tensor([0, 1, 2, 3, 4])).sum().backward()
+    kernel.update_hyper_parameters({"lambda21": 1e6})
+    kernel.reapply_prox()
+    w = kernel.split_embedding_weights()
+    assert (w[0][1] == 0).all() and (w[1][2] == 0).all() and (w[2][4] == 0).all()
+    assert (w[0][0] != 0).any()  # never seen: untouched
+    assert kernel.feature_counts() == {"a": (2, 0), "b": (1, 0), "c": (1, 0)}

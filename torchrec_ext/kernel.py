@@ -1,0 +1,590 @@
+"""``GroupTBE``: table-batched embedding bags trained by a fused Group optimizer (pure PyTorch).
+
+The layout mirrors FBGEMM's ``SplitTableBatchedEmbeddingBagsCodegen``: one flat weight buffer for
+all tables of a kernel with per-table offsets, flat optimizer state with the same offsets
+(element-wise state) or one float per row (row-wise state), and a forward that takes the
+TBE-style ``(indices, offsets, per_sample_weights)``.
+
+The update happens inside backward and touches only the rows present in the batch:
+
+    grad_output -> per-bag gradient -> per-index gradient (x per-sample weight, / bag length for
+    MEAN) -> summed per unique row -> ``group_step`` (the same function the ``torch.optim``
+    classes call) -> rows written back in place
+
+No weight gradient is ever materialised. The math is :func:`lightning_sgl.optim._functional.group_step`;
+nothing here re-implements it.
+
+Storage order groups tables by their local width, so that every run of equal-width tables (a
+*segment*) is one ``[rows, width]`` matrix: one vectorised update per segment and step.
+
+Column shards: a table split by columns over several shards holds only part of every group
+(row). ``set_column_groups`` gives each column-sharded table the process group of its shards;
+the per-row partial sums of squares (group norm, row-wise second moment) are then all-reduced
+over that group, so the result equals the unsharded table's.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch import Tensor, nn
+
+from lightning_sgl.optim._functional import apply_rows_, reprox
+from lightning_sgl.optim._moments import get_rule
+from lightning_sgl.optim._validation import (
+    NONFINITE_OPTIONS,
+    NonFiniteGradientError,
+    check_betas,
+    check_bool,
+    check_choice,
+    check_lambdas,
+    check_nonnegative,
+    check_positive,
+    check_unit_interval,
+)
+
+__all__ = ["TableSpec", "GroupTBE", "FUSED_RULES", "validate_hyperparameters"]
+
+#: base optimizers that can run fused (AdaHessian needs a Hessian-vector product: keep dense)
+FUSED_RULES = ("sgd", "momentum", "adagrad", "adam", "amsgrad")
+
+_DEFAULTS = {
+    "sgd": dict(lr=1e-2),
+    "momentum": dict(lr=1e-2, momentum=0.9),
+    "adagrad": dict(lr=1e-2, eps=1e-10, lr_decay=0.0, initial_accumulator_value=0.0),
+    "adam": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8),
+    "amsgrad": dict(lr=1e-3, betas=(0.9, 0.999), eps=1e-8),
+}
+
+
+def validate_hyperparameters(rule: str, hp: dict) -> None:
+    """Raise ``ValueError`` naming the argument and its valid range (same checks as torch.optim
+    front end)."""
+    check_choice("optimizer", rule, FUSED_RULES)
+    check_positive("lr", hp["lr"])
+    check_lambdas(hp["lambda1"], hp["lambda21"], hp["lambda2"])
+    if "betas" in hp:
+        check_betas(hp["betas"])
+    if "eps" in hp:
+        check_nonnegative("eps", hp["eps"])
+    if "momentum" in hp:
+        check_unit_interval("momentum", hp["momentum"])
+    if "lr_decay" in hp:
+        check_nonnegative("lr_decay", hp["lr_decay"])
+    if "initial_accumulator_value" in hp:
+        check_nonnegative("initial_accumulator_value", hp["initial_accumulator_value"])
+
+
+@dataclass(frozen=True)
+class TableSpec:
+    """One local (shard of a) table. ``embedding_dim`` is the full width of the table's rows."""
+
+    name: str
+    local_rows: int
+    local_cols: int
+    embedding_dim: int | None = None
+    row_offset: int = 0
+    col_offset: int = 0
+
+    @property
+    def full_dim(self) -> int:
+        return self.embedding_dim or self.local_cols
+
+    @property
+    def column_sharded(self) -> bool:
+        return self.full_dim != self.local_cols
+
+
+class _Segment:
+    """A run of tables of equal local width, stored as one ``[rows, width]`` block."""
+
+    def __init__(self, width: int, tables: list[int], row_base: dict[int, int], rows: int,
+                 elem_start: int, row_start: int):
+        self.width = width
+        self.tables = tables  # table indices (config order), storage order
+        self.row_base = row_base  # table index -> first row inside the segment
+        self.rows = rows
+        self.elem_start = elem_start  # element offset in the flat buffers
+        self.row_start = row_start  # row offset in the flat row-wise buffers
+
+
+class GroupTBE(nn.Module):
+    """Table-batched embedding bags with a fused Group optimizer.
+
+    Args:
+        tables: local tables (or shards), in the order features refer to them.
+        feature_table_map: for each feature, the index of its table in ``tables``.
+        pooling: ``"sum"`` or ``"mean"``.
+        optimizer: base optimizer: one of :data:`FUSED_RULES`.
+        hyperparameters: ``lr``, ``lambda1``, ``lambda21``, ``lambda2`` and the base optimizer's
+            own (``betas``, ``eps``, ``momentum``, ``lr_decay``, ``initial_accumulator_value``);
+            missing ones take the ``torch.optim`` front end's defaults.
+        rowwise: one second moment per row (FBGEMM's row-wise layout).
+        exact_group_norm: the exact minimiser of objective (6) instead of Algorithm 1's norm.
+        nonfinite: ``"raise"`` (a NaN/Inf gradient raises, nothing is modified) or ``"skip"``.
+        compiled: run the update through ``torch.compile`` (eager is the ground truth).
+    """
+
+    def __init__(self, tables: Sequence[TableSpec], feature_table_map: Sequence[int],
+                 pooling: str = "sum", optimizer: str = "adam", hyperparameters: dict | None = None,
+                 rowwise: bool = False, exact_group_norm: bool = False, nonfinite: str = "raise",
+                 compiled: bool = False, device: torch.device | str | None = None,
+                 dtype: torch.dtype = torch.float32):
+        super().__init__()
+        if optimizer not in FUSED_RULES:
+            raise ValueError(
+                f"Invalid optimizer: {optimizer!r} cannot run fused on an embedding table "
+                f"(valid: {', '.join(FUSED_RULES)}); keep that table dense (compute kernel "
+                "'dense' or data-parallel) and train it with the torch.optim Group optimizer")
+        check_choice("pooling", pooling, ("sum", "mean"))
+        check_choice("nonfinite", nonfinite, NONFINITE_OPTIONS)
+        check_bool("rowwise", rowwise)
+        check_bool("exact_group_norm", exact_group_norm)
+        self.rule = get_rule(optimizer)
+        if rowwise and not self.rule.second_moment_names:
+            raise ValueError(f"Invalid rowwise: True (optimizer {optimizer!r} has no second moment)")
+        hp = {**_DEFAULTS[optimizer], "lambda1": 0.0, "lambda21": 0.0, "lambda2": 0.0,
+              **(hyperparameters or {})}
+        unknown = set(hp) - set(_DEFAULTS[optimizer]) - {"lambda1", "lambda21", "lambda2"}
+        if unknown:
+            raise ValueError(f"Invalid hyperparameters for {optimizer!r}: {sorted(unknown)} "
+                             f"(valid: lr, lambda1, lambda21, lambda2, "
+                             f"{', '.join(k for k in _DEFAULTS[optimizer] if k != 'lr')})")
+        if isinstance(hp.get("betas"), list):
+            hp["betas"] = tuple(hp["betas"])
+        validate_hyperparameters(optimizer, hp)
+        self.optimizer = optimizer
+        self.hp = hp
+        self.pooling = pooling
+        self.rowwise = rowwise
+        self.exact = exact_group_norm
+        self.nonfinite = nonfinite
+        self.compiled = compiled
+        self.tables = list(tables)
+        self.feature_table_map = list(feature_table_map)
+        if any(not 0 <= t < len(self.tables) for t in self.feature_table_map):
+            raise ValueError("feature_table_map refers to a table index out of range")
+        #: hyperparameters are read from here at each update (the fused optimizer's param group)
+        self.hp_provider: Callable[[], dict] | None = None
+        self._column_groups: dict[str, dist.ProcessGroup | None] = {}
+        self._column_owners: dict[str, int] = {}
+
+        # ---- layout: tables sorted (stably) by local width; equal widths form a segment
+        order = sorted(range(len(self.tables)), key=lambda i: self.tables[i].local_cols)
+        self.weights_offsets = [0] * len(self.tables)
+        self.row_offsets = [0] * len(self.tables)  # into the flat row-wise buffers
+        self.segment_of: list[int] = [0] * len(self.tables)
+        self.segments: list[_Segment] = []
+        elem, row = 0, 0
+        for i in order:
+            t = self.tables[i]
+            if not self.segments or self.segments[-1].width != t.local_cols:
+                self.segments.append(_Segment(t.local_cols, [], {}, 0, elem, row))
+            seg = self.segments[-1]
+            seg.row_base[i] = seg.rows
+            seg.tables.append(i)
+            seg.rows += t.local_rows
+            self.segment_of[i] = len(self.segments) - 1
+            self.weights_offsets[i] = elem
+            self.row_offsets[i] = row
+            elem += t.local_rows * t.local_cols
+            row += t.local_rows
+        self._check_column_shards()
+
+        kw = dict(device=device, dtype=dtype)
+        self.register_buffer("weights", torch.zeros(elem, **kw))
+        self.register_buffer("dual", torch.zeros(elem, **kw))
+        init = float(hp.get("initial_accumulator_value", 0.0))
+        self.state_names = tuple(self.rule.state_names)
+        for name in self.state_names:
+            n = row if (rowwise and name in self.rule.second_moment_names) else elem
+            self.register_buffer(name, torch.full((n,), init if name == "sum" else 0.0, **kw))
+        self.register_buffer("step", torch.zeros(1, dtype=torch.float64, device=device))
+        #: 1 byte per row: the row was seen in a training batch
+        self.register_buffer("seen", torch.zeros(row, dtype=torch.uint8, device=device))
+        self._dummy = torch.zeros((), requires_grad=True, device=device)
+
+        # per-feature static data
+        self._feature_dims = [self.tables[t].local_cols for t in self.feature_table_map]
+        self._single_segment = len(self.segments) == 1
+
+    # ------------------------------------------------------------------ layout helpers
+    def _check_column_shards(self) -> None:
+        widths: dict[str, set[int]] = {}
+        for t in self.tables:
+            if t.column_sharded:
+                widths.setdefault(t.name, set()).add(t.local_cols)
+        for name, w in widths.items():
+            if len(w) > 1:
+                raise ValueError(f"column shards of table {name!r} on one rank have different "
+                                 f"widths {sorted(w)}; use equal column shards")
+
+    def _is_rowwise(self, name: str) -> bool:
+        return self.rowwise and name in self.rule.second_moment_names
+
+    def _seg_view(self, buf: Tensor, seg: _Segment, rowwise: bool = False) -> Tensor:
+        if rowwise:
+            return buf[seg.row_start: seg.row_start + seg.rows].view(seg.rows, 1)
+        return buf[seg.elem_start: seg.elem_start + seg.rows * seg.width].view(seg.rows, seg.width)
+
+    def _table_view(self, buf: Tensor, i: int, rowwise: bool = False) -> Tensor:
+        t = self.tables[i]
+        if rowwise:
+            return buf[self.row_offsets[i]: self.row_offsets[i] + t.local_rows]
+        off = self.weights_offsets[i]
+        return buf[off: off + t.local_rows * t.local_cols].view(t.local_rows, t.local_cols)
+
+    # ------------------------------------------------------------------ FBGEMM-like API
+    def split_embedding_weights(self) -> list[Tensor]:
+        """Per-table ``[local_rows, local_cols]`` views of the flat weights (they alias it)."""
+        return [self._table_view(self.weights, i) for i in range(len(self.tables))]
+
+    def get_optimizer_state(self) -> list[dict[str, Tensor]]:
+        """Per table: ``{"dual": [rows, cols], <moment>: [rows, cols] or [rows] (row-wise)}``;
+        views that alias the kernel's buffers (loading into them is in place)."""
+        out = []
+        for i in range(len(self.tables)):
+            d = {"dual": self._table_view(self.dual, i)}
+            for name in self.state_names:
+                d[name] = self._table_view(getattr(self, name), i, self._is_rowwise(name))
+            out.append(d)
+        return out
+
+    def get_learning_rate(self) -> float:
+        return float(self.current_hyperparameters()["lr"])
+
+    def set_learning_rate(self, lr: float) -> None:
+        self.update_hyper_parameters({"lr": lr})
+
+    def set_optimizer_step(self, step: int) -> None:
+        self.step.fill_(float(step))
+
+    def update_hyper_parameters(self, params: dict) -> None:
+        """Set hyperparameters (validated first; nothing changes on error)."""
+        new = {**self.hp, **{k: v for k, v in params.items() if k in self.hp}}
+        validate_hyperparameters(self.optimizer, new)
+        self.hp = new
+
+    def current_hyperparameters(self) -> dict:
+        """The values the next update uses (from ``hp_provider`` if set), validated."""
+        if self.hp_provider is not None:
+            src = self.hp_provider()
+            hp = {k: src.get(k, v) for k, v in self.hp.items()}
+            if isinstance(hp.get("betas"), list):
+                hp["betas"] = tuple(hp["betas"])
+            validate_hyperparameters(self.optimizer, hp)
+            return hp
+        return self.hp
+
+    def set_column_groups(self, groups: dict[str, dist.ProcessGroup | None],
+                          owners: dict[str, int] | None = None) -> None:
+        """Process group of every column-sharded table's shards (``None``: all shards are on this
+        rank) and the global rank of its column-offset-0 shard (owner of row-wise state)."""
+        self._column_groups = dict(groups)
+        self._column_owners = dict(owners or {})
+
+    @torch.no_grad()
+    def sync_column_shards(self) -> None:
+        """Copy row-wise state from each column-sharded table's column-offset-0 shard to its other
+        shards (after a checkpoint load, which fills only the owner's copy). Collective."""
+        rowwise_names = [n for n in self.state_names if self._is_rowwise(n)]
+        if not rowwise_names:
+            return
+        names = sorted({t.name for t in self.tables if t.column_sharded})
+        for name in names:
+            local = [i for i, t in enumerate(self.tables) if t.name == name]
+            owner = next((i for i in local if self.tables[i].col_offset == 0), None)
+            for state in rowwise_names:
+                buf = getattr(self, state)
+                src = self._table_view(buf, owner if owner is not None else local[0], True)
+                pg = self._column_groups.get(name)
+                if pg is not None:
+                    dist.broadcast(src, src=self._column_owners[name], group=pg)
+                for i in local:
+                    dst = self._table_view(buf, i, True)
+                    if dst.data_ptr() != src.data_ptr():
+                        dst.copy_(src)
+
+    # ------------------------------------------------------------------ forward
+    def forward(self, indices: Tensor, offsets: Tensor,
+                per_sample_weights: Tensor | None = None) -> Tensor:
+        """Pooled lookup. ``indices``: ids local to each feature's table, feature-major;
+        ``offsets``: ``F*B + 1`` bag offsets. Returns ``[B, sum of feature widths]``."""
+        n_features = len(self.feature_table_map)
+        if n_features == 0:
+            return torch.zeros(0, 0, device=self.weights.device, dtype=self.weights.dtype)
+        if (offsets.numel() - 1) % n_features != 0:
+            raise ValueError(f"offsets has {offsets.numel()} entries; expected F*B+1 with "
+                             f"F={n_features} features")
+        batch = (offsets.numel() - 1) // n_features
+        plan = self._plan(indices.long(), offsets.long(), batch)
+        return _GroupLookup.apply(self._dummy, self, plan, per_sample_weights)
+
+    def _plan(self, indices: Tensor, offsets: Tensor, batch: int) -> dict:
+        """Per segment: rows (segment-local), bag ids, bag lengths; ids validated."""
+        n_features = len(self.feature_table_map)
+        lengths = offsets[1:] - offsets[:-1]
+        bag = torch.repeat_interleave(torch.arange(n_features * batch, device=indices.device),
+                                      lengths)
+        feature = bag // batch
+        ftm = torch.tensor(self.feature_table_map, device=indices.device)
+        table = ftm[feature]
+        limits = torch.tensor([t.local_rows for t in self.tables], device=indices.device)[table]
+        bad = (indices < 0) | (indices >= limits)
+        if bool(bad.any()):
+            k = int(bad.nonzero()[0, 0])
+            t = self.tables[int(table[k])]
+            raise ValueError(
+                f"ids out of range for table {t.name!r}: got id {int(indices[k])}, valid "
+                f"[0, {t.local_rows}) on this shard; remap or hash ids into the table's "
+                "num_embeddings before the lookup")
+        base = torch.tensor([self.segments[self.segment_of[i]].row_base[i]
+                             for i in range(len(self.tables))], device=indices.device)
+        rows = indices + base[table]
+        segs = []
+        for s, seg in enumerate(self.segments):
+            feats = [f for f, t in enumerate(self.feature_table_map) if self.segment_of[t] == s]
+            if self._single_segment:
+                sel, seg_bag = None, bag
+            else:
+                fmask = torch.zeros(n_features, dtype=torch.bool, device=indices.device)
+                fmask[feats] = True
+                sel = fmask[feature]
+                # local bag id: position of the feature inside the segment, times batch
+                pos = torch.full((n_features,), -1, dtype=torch.long, device=indices.device)
+                pos[feats] = torch.arange(len(feats), device=indices.device)
+                seg_bag = pos[feature[sel]] * batch + bag[sel] % batch
+            segs.append(dict(features=feats, sel=sel, rows=rows if sel is None else rows[sel],
+                             bag=seg_bag, table=table if sel is None else table[sel]))
+        return dict(batch=batch, lengths=lengths, segments=segs, bag=bag)
+
+    def _bag_scale(self, plan, seg_plan, weights_sel):
+        """Per-index factor: per-sample weight, divided by the bag length for MEAN pooling."""
+        scale = weights_sel
+        if self.pooling == "mean":
+            lengths = plan["lengths"]
+            batch = plan["batch"]
+            feats = torch.tensor(seg_plan["features"], device=lengths.device)
+            bag_len = lengths.view(-1, batch)[feats].reshape(-1)[seg_plan["bag"]]
+            inv = 1.0 / bag_len.clamp(min=1).to(self.weights.dtype)
+            scale = inv if scale is None else scale * inv
+        return scale
+
+    def _pool(self, plan: dict, per_sample_weights: Tensor | None) -> Tensor:
+        batch = plan["batch"]
+        outs = []
+        for seg, sp in zip(self.segments, plan["segments"]):
+            w = None
+            if per_sample_weights is not None:
+                w = per_sample_weights if sp["sel"] is None else per_sample_weights[sp["sel"]]
+                w = w.to(self.weights.dtype)
+            scale = self._bag_scale(plan, sp, w)
+            table = self._seg_view(self.weights, seg)
+            vals = table.index_select(0, sp["rows"])
+            if scale is not None:
+                vals = vals * scale.unsqueeze(1)
+            pooled = torch.zeros(len(sp["features"]) * batch, seg.width, dtype=table.dtype,
+                                 device=table.device)
+            pooled.index_add_(0, sp["bag"], vals)
+            outs.append(pooled.view(len(sp["features"]), batch, seg.width))
+        if self._single_segment:
+            o = outs[0]
+            return o.transpose(0, 1).reshape(batch, -1)
+        cols = []
+        by_feature = {}
+        for sp, o in zip(plan["segments"], outs):
+            for k, f in enumerate(sp["features"]):
+                by_feature[f] = o[k]
+        for f in range(len(self.feature_table_map)):
+            cols.append(by_feature[f])
+        return torch.cat(cols, dim=1)
+
+    def _bag_grads(self, plan: dict, grad_out: Tensor) -> list[Tensor]:
+        """Per segment: gradient of each bag, ``[F_seg * B, width]``."""
+        batch = plan["batch"]
+        if self._single_segment:
+            seg = self.segments[0]
+            n = len(self.feature_table_map)
+            return [grad_out.reshape(batch, n, seg.width).transpose(0, 1).reshape(-1, seg.width)]
+        starts = [0]
+        for d in self._feature_dims:
+            starts.append(starts[-1] + d)
+        out = []
+        for seg, sp in zip(self.segments, plan["segments"]):
+            parts = [grad_out[:, starts[f]: starts[f + 1]] for f in sp["features"]]
+            out.append(torch.stack(parts, 0).reshape(-1, seg.width))
+        return out
+
+    # ------------------------------------------------------------------ backward = update
+    def _reduce_for(self, seg: _Segment, uniq_tables: Tensor):
+        """``(group_size, reduce_sum)`` for a segment's unique rows (column shards)."""
+        cw = sorted({self.tables[i].name for i in seg.tables if self.tables[i].column_sharded})
+        if not cw:
+            return None, None
+        full = torch.tensor([float(self.tables[i].full_dim) if i in seg.row_base else 0.0
+                             for i in range(len(self.tables))], device=uniq_tables.device,
+                            dtype=self.weights.dtype)
+        group_size = full[uniq_tables].unsqueeze(1)
+        by_name = {n: [i for i in seg.tables if self.tables[i].name == n] for n in cw}
+        masks = {n: [uniq_tables == i for i in by_name[n]] for n in cw}
+        groups = self._column_groups
+
+        def reduce_sum(partial: Tensor) -> Tensor:
+            out = partial.clone()
+            for name in cw:  # sorted: the same collective order on every rank
+                total = sum(partial[m] for m in masks[name])
+                pg = groups.get(name)
+                if pg is not None:
+                    dist.all_reduce(total, group=pg)
+                for m in masks[name]:
+                    out[m] = total
+            return out
+
+        return group_size, reduce_sum
+
+    @torch.no_grad()
+    def _update(self, plan: dict, grad_out: Tensor, per_sample_weights: Tensor | None):
+        hp = self.current_hyperparameters()
+        bag_grads = self._bag_grads(plan, grad_out)
+        work = []
+        grad_w = None
+        if per_sample_weights is not None and per_sample_weights.requires_grad:
+            grad_w = torch.zeros_like(per_sample_weights)
+        for seg, sp, gb in zip(self.segments, plan["segments"], bag_grads):
+            w = None
+            if per_sample_weights is not None:
+                w = per_sample_weights if sp["sel"] is None else per_sample_weights[sp["sel"]]
+                w = w.detach().to(self.weights.dtype)
+            g_index = gb.index_select(0, sp["bag"])
+            if grad_w is not None:  # d out / d weight_i = <grad_bag, row> (/ len for MEAN)
+                mean_scale = self._bag_scale(plan, sp, None)
+                rows_val = self._seg_view(self.weights, seg).index_select(0, sp["rows"])
+                gw = (g_index * rows_val).sum(1)
+                if mean_scale is not None:
+                    gw = gw * mean_scale
+                if sp["sel"] is None:
+                    grad_w += gw.to(grad_w.dtype)
+                else:
+                    grad_w[sp["sel"]] += gw.to(grad_w.dtype)
+            scale = self._bag_scale(plan, sp, w)
+            if scale is not None:
+                g_index = g_index * scale.unsqueeze(1)
+            uniq, inv = torch.unique(sp["rows"], sorted=True, return_inverse=True)
+            g_rows = torch.zeros(len(uniq), seg.width, dtype=g_index.dtype, device=g_index.device)
+            g_rows.index_add_(0, inv, g_index)
+            uniq_tables = torch.zeros(len(uniq), dtype=torch.long, device=uniq.device)
+            uniq_tables.scatter_(0, inv, sp["table"])
+            work.append((seg, uniq, g_rows, uniq_tables))
+        # refuse non-finite gradients before anything is written
+        sums = [g.sum() for _, _, g, _ in work]
+        if sums and not bool(torch.isfinite(torch.stack(sums)).all()):
+            if self.nonfinite == "raise":
+                bad = sorted({self.tables[int(t)].name for _, _, g, tt in work
+                              for t in tt[~torch.isfinite(g).all(1)]})
+                raise NonFiniteGradientError(
+                    f"non-finite (NaN/Inf) gradient for rows of table(s) {bad}; no weight or "
+                    "optimizer state was modified. Use nonfinite='skip' to skip such rows.")
+            work = [(seg, u[ok], g[ok], tt[ok]) for seg, u, g, tt in work
+                    for ok in [torch.isfinite(g).all(1)]]
+        self.step += 1
+        step = float(self.step.item())
+        for seg, uniq, g_rows, uniq_tables in work:
+            self._seg_view(self.seen, seg, rowwise=True).view(-1)[uniq] = 1
+            group_size, reduce_sum = self._reduce_for(seg, uniq_tables)
+            states = tuple(self._seg_view(getattr(self, n), seg, self._is_rowwise(n))
+                           for n in self.state_names)
+            apply_rows_(self._seg_view(self.weights, seg), uniq, g_rows,
+                        self._seg_view(self.dual, seg), states, step=step, hp=hp,
+                        rule_name=self.optimizer, rowwise=self.rowwise, exact=self.exact,
+                        compiled=self.compiled and reduce_sum is None,
+                        group_size=group_size, reduce_sum=reduce_sum)
+        return grad_w
+
+    # ------------------------------------------------------------------ feature rate support
+    @torch.no_grad()
+    def feature_counts(self) -> dict[str, tuple[int, int]]:
+        """Per table (summed over its local shards): ``(rows seen in training, seen rows that
+        are non-zero)``, local to this rank. For a column-sharded table each shard counts its
+        own columns' non-zero rows; ``row_nonzero`` gives the flags to combine across shards."""
+        out: dict[str, tuple[int, int]] = {}
+        for i, t in enumerate(self.tables):
+            seen = self._table_view(self.seen, i, rowwise=True).bool()
+            nz = self._table_view(self.weights, i).ne(0).any(dim=1)
+            s, n = out.get(t.name, (0, 0))
+            out[t.name] = (s + int(seen.sum()), n + int((seen & nz).sum()))
+        return out
+
+    @torch.no_grad()
+    def row_flags(self, i: int) -> tuple[Tensor, Tensor]:
+        """``(seen, non-zero)`` boolean flags of the rows of local table ``i``."""
+        return (self._table_view(self.seen, i, rowwise=True).bool(),
+                self._table_view(self.weights, i).ne(0).any(dim=1))
+
+    @torch.no_grad()
+    def reapply_prox(self) -> None:
+        """Re-apply the proximal step with the current hyperparameters to every seen row (so a
+        changed ``lambda21`` also acts on rows the batches do not touch). Collective for
+        column-sharded tables: call it on every rank."""
+        hp = self.current_hyperparameters()
+        step = max(float(self.step.item()), 1.0)
+        for seg in self.segments:
+            rows = self._seg_view(self.seen, seg, rowwise=True).view(-1).nonzero().view(-1)
+            tables = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
+            for i in seg.tables:
+                lo = seg.row_base[i]
+                tables[(rows >= lo) & (rows < lo + self.tables[i].local_rows)] = i
+            group_size, reduce_sum = self._reduce_for(seg, tables)
+            x = self._seg_view(self.weights, seg)
+            dual = self._seg_view(self.dual, seg)
+            states = tuple(self._seg_view(getattr(self, n), seg, self._is_rowwise(n))
+                           .index_select(0, rows) for n in self.state_names)
+            x_new, dual_new = reprox(x.index_select(0, rows), dual.index_select(0, rows), states,
+                                     rule=self.rule, step=step, hp=hp, exact=self.exact,
+                                     group_size=group_size, reduce_sum=reduce_sum)
+            x.index_copy_(0, rows, x_new)
+            dual.index_copy_(0, rows, dual_new)
+
+    def state_bytes_per_row(self) -> dict[str, float]:
+        """Optimizer-state bytes per row (excluding the weights), and bookkeeping bytes."""
+        rows = max(1, self.seen.numel())
+        state = sum(getattr(self, n).numel() * getattr(self, n).element_size()
+                    for n in ("dual", *self.state_names))
+        return {"state": state / rows, "bookkeeping": self.seen.element_size()}
+
+
+class _GroupLookup(torch.autograd.Function):
+    """Forward: pooled lookup. Backward: the fused update; returns no weight gradient."""
+
+    @staticmethod
+    def forward(ctx, dummy, kernel: GroupTBE, plan: dict, per_sample_weights):
+        ctx.kernel = kernel
+        ctx.plan = plan
+        ctx.save_for_backward(per_sample_weights if per_sample_weights is not None
+                              else torch.empty(0))
+        ctx.has_weights = per_sample_weights is not None
+        with torch.no_grad():
+            return kernel._pool(plan, per_sample_weights)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (w,) = ctx.saved_tensors
+        w = w if ctx.has_weights else None
+        if w is not None and ctx.needs_input_grad[3]:
+            w = w.detach().requires_grad_(True)
+        grad_w = ctx.kernel._update(ctx.plan, grad_out.contiguous(), w)
+        return None, None, None, grad_w
+
+
+def init_uniform_(kernel: GroupTBE, bounds: Sequence[tuple[float, float]]) -> None:
+    """Initialise each table uniformly in its ``(low, high)`` bound (TorchRec's default)."""
+    for w, (lo, hi) in zip(kernel.split_embedding_weights(), bounds):
+        w.uniform_(lo, hi)
+
+
+def default_bound(num_embeddings: int) -> tuple[float, float]:
+    b = math.sqrt(1.0 / num_embeddings)
+    return -b, b
