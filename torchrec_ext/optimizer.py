@@ -83,7 +83,8 @@ class GroupFusedOptimizer(FusedOptimizer):
     def _rowwise_state(self, config, idxs, local, gmeta) -> ShardedTensor:
         shards = [m for m in gmeta.shards_metadata if m.shard_offsets[1] == 0]
         meta = ShardedTensorMetadata(
-            shards_metadata=[ShardMetadata([m.shard_sizes[0]], [m.shard_offsets[0]], m.placement)
+            shards_metadata=[ShardMetadata(shard_offsets=[m.shard_offsets[0]],
+                                           shard_sizes=[m.shard_sizes[0]], placement=m.placement)
                              for m in shards],
             size=torch.Size([gmeta.size[0]]),
             tensor_properties=copy.deepcopy(gmeta.tensor_properties))
@@ -91,8 +92,9 @@ class GroupFusedOptimizer(FusedOptimizer):
         for v, i in zip(local, idxs):
             lm = config.embedding_tables[i].local_metadata
             if lm.shard_offsets[1] == 0:
-                mine.append(Shard(v, ShardMetadata([lm.shard_sizes[0]], [lm.shard_offsets[0]],
-                                                   lm.placement)))
+                mine.append(Shard(v, ShardMetadata(shard_offsets=[lm.shard_offsets[0]],
+                                                   shard_sizes=[lm.shard_sizes[0]],
+                                                   placement=lm.placement)))
         return _sharded(mine, meta, self._pg)
 
     # ------------------------------------------------------------------ FusedOptimizer API
