@@ -346,7 +346,7 @@ class GroupTBE(nn.Module):
                              for i in range(len(self.tables))], device=indices.device)
         rows = indices + base[table]
         segs = []
-        for s, seg in enumerate(self.segments):
+        for s in range(len(self.segments)):
             feats = [f for f, t in enumerate(self.feature_table_map) if self.segment_of[t] == s]
             if self._single_segment:
                 sel, seg_bag = None, bag
