@@ -117,7 +117,8 @@ class GroupFusedOptimizer(FusedOptimizer):
                 self.param_groups[0][k] = v
         self._push()
 
-    def load_state_dict(self, state_dict) -> None:  # type: ignore[override]
-        super().load_state_dict(state_dict)
+    def post_load_state_dict(self) -> None:
+        """After a load (also through ``CombinedOptimizer``/DMP): push hyperparameters and copy
+        row-wise state to every column shard (collective: all ranks load together)."""
         self._push()
         self._kernel.sync_column_shards()
