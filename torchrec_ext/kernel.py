@@ -331,9 +331,9 @@ class GroupTBE(nn.Module):
         bag = torch.repeat_interleave(torch.arange(n_features * batch, device=indices.device),
                                       lengths)
         feature = bag // batch
-        ftm = torch.tensor(self.feature_table_map, device=indices.device)
+        ftm, limits_t, base = self._static_index(indices.device)
         table = ftm[feature]
-        limits = torch.tensor([t.local_rows for t in self.tables], device=indices.device)[table]
+        limits = limits_t[table]
         bad = (indices < 0) | (indices >= limits)
         if bool(bad.any()):
             k = int(bad.nonzero()[0, 0])
@@ -342,8 +342,6 @@ class GroupTBE(nn.Module):
                 f"ids out of range for table {t.name!r}: got id {int(indices[k])}, valid "
                 f"[0, {t.local_rows}) on this shard; remap or hash ids into the table's "
                 "num_embeddings before the lookup")
-        base = torch.tensor([self.segments[self.segment_of[i]].row_base[i]
-                             for i in range(len(self.tables))], device=indices.device)
         rows = indices + base[table]
         segs = []
         for s in range(len(self.segments)):
@@ -361,6 +359,18 @@ class GroupTBE(nn.Module):
             segs.append(dict(features=feats, sel=sel, rows=rows if sel is None else rows[sel],
                              bag=seg_bag, table=table if sel is None else table[sel]))
         return dict(batch=batch, lengths=lengths, segments=segs, bag=bag)
+
+    def _static_index(self, device):
+        """Feature->table map, table row counts and segment row bases as tensors (cached)."""
+        cached = self.__dict__.get("_static_cache")
+        if cached is None or cached[0] != device:
+            ftm = torch.tensor(self.feature_table_map, device=device)
+            limits = torch.tensor([t.local_rows for t in self.tables], device=device)
+            base = torch.tensor([self.segments[self.segment_of[i]].row_base[i]
+                                 for i in range(len(self.tables))], device=device)
+            cached = (device, (ftm, limits, base))
+            self.__dict__["_static_cache"] = cached
+        return cached[1]
 
     def _bag_scale(self, plan, seg_plan, weights_sel):
         """Per-index factor: per-sample weight, divided by the bag length for MEAN pooling."""

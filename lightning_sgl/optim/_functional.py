@@ -162,6 +162,18 @@ def _rows(x_rows, g_rows, dual_rows, state_rows, step, hp, g2_rows, rule_name, r
                       reduce_sum=reduce_sum)
 
 
+def _rows_(x2d, idx, g_rows, dual2d, states2d, step, hp, g2_rows, rule_name, rowwise, exact):
+    """In place: gather rows ``idx``, Algorithm 1, scatter back (one fused loop when compiled)."""
+    x_new, dual_new, new_states = group_step(
+        x2d.index_select(0, idx), g_rows, dual2d.index_select(0, idx),
+        tuple(s.index_select(0, idx) for s in states2d), rule=get_rule(rule_name), step=step,
+        hp=hp, g2=g2_rows, rowwise=rowwise, exact=exact)
+    x2d.index_copy_(0, idx, x_new)
+    dual2d.index_copy_(0, idx, dual_new)
+    for s, n in zip(states2d, new_states):
+        s.index_copy_(0, idx, n)
+
+
 #: parameters smaller than this run eagerly even with ``compiled=True`` (a compile per shape
 #: would cost more than it saves)
 COMPILE_MIN_NUMEL = 1 << 16
@@ -256,19 +268,21 @@ def apply_rows_(x2d, idx, g_rows, dual2d, states2d, *, step, hp, rule_name, roww
     """
     if group_size is not None or reduce_sum is not None:
         compiled = False
-    rows = (x2d.index_select(0, idx), g_rows, dual2d.index_select(0, idx),
-            tuple(s.index_select(0, idx) for s in states2d))
-    args = (*rows, step, hp, g2_rows, rule_name, rowwise, exact)
     if compiled:
         if g_rows._base is not None and g_rows._base.is_sparse:  # values() of a sparse grad
-            rows = (rows[0], g_rows.clone(), *rows[2:])
+            g_rows = g_rows.clone()
         hp_t, step_t = _tensor_hp(hp, step, x2d)
         key = ("rows", rule_name, rowwise, exact, g2_rows is not None, x2d.shape[1], x2d.dtype,
                x2d.device, tuple(sorted(hp)))
-        x_new, dual_new, new_states = _run_compiled(
-            _rows, key, True, args, (*rows, step_t, hp_t, g2_rows, rule_name, rowwise, exact))
-    else:
-        x_new, dual_new, new_states = _rows(*args, group_size, reduce_sum)
+        eager = (x2d, idx, g_rows, dual2d, tuple(states2d), step, hp, g2_rows, rule_name, rowwise,
+                 exact)
+        tensors = (x2d, idx, g_rows, dual2d, tuple(states2d), step_t, hp_t, g2_rows, rule_name,
+                   rowwise, exact)
+        return _run_compiled(_rows_, key, True, eager, tensors)
+    x_new, dual_new, new_states = _rows(
+        x2d.index_select(0, idx), g_rows, dual2d.index_select(0, idx),
+        tuple(s.index_select(0, idx) for s in states2d), step, hp, g2_rows, rule_name, rowwise,
+        exact, group_size, reduce_sum)
     x2d.index_copy_(0, idx, x_new)
     dual2d.index_copy_(0, idx, dual_new)
     for s, n in zip(states2d, new_states):
