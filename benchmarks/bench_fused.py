@@ -90,7 +90,7 @@ def main(argv=None):
     base_r = times["FBGEMM EXACT_ROWWISE_ADAGRAD"]
     print(f"{args.tables} tables x {args.rows} rows x dim {args.dim}, batch {args.batch}, "
           f"1 id/feature, {torch.get_num_threads()} thread(s)")
-    print(f"| kernel | ms/step | / EXACT_ADAGRAD | / EXACT_ROWWISE_ADAGRAD | state floats/row | "
+    print("| kernel | ms/step | / EXACT_ADAGRAD | / EXACT_ROWWISE_ADAGRAD | state floats/row | "
           "bookkeeping bytes/row |")
     print("|---|---|---|---|---|---|")
     for name, t in times.items():
