@@ -33,7 +33,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from lightning_sgl.optim._functional import apply_rows_, reprox
+from lightning_sgl.optim._functional import apply_rows_, group_norms, reprox
 from lightning_sgl.optim._moments import get_rule
 from lightning_sgl.optim._validation import (
     NONFINITE_OPTIONS,
@@ -172,6 +172,8 @@ class GroupTBE(nn.Module):
         self.hp_provider: Callable[[], dict] | None = None
         self._column_groups: dict[str, dist.ProcessGroup | None] = {}
         self._column_owners: dict[str, int] = {}
+        #: per-table lambda21 overriding the param group's (set by a tuner, e.g. SparsityMonitor)
+        self.table_lambda21: dict[str, float] = {}
 
         # ---- layout: tables sorted (stably) by local width; equal widths form a segment
         order = sorted(range(len(self.tables)), key=lambda i: self.tables[i].local_cols)
@@ -430,6 +432,16 @@ class GroupTBE(nn.Module):
         return out
 
     # ------------------------------------------------------------------ backward = update
+    def _segment_hp(self, hp: dict, seg: _Segment, row_tables: Tensor) -> dict:
+        """``hp`` with a per-row ``lambda21`` if some table of the segment overrides it."""
+        names = {self.tables[i].name for i in seg.tables}
+        if not self.table_lambda21 or not names & set(self.table_lambda21):
+            return hp
+        lam = torch.tensor([float(self.table_lambda21.get(t.name, hp["lambda21"]))
+                            for t in self.tables], dtype=self.weights.dtype,
+                           device=self.weights.device)
+        return {**hp, "lambda21": lam[row_tables].unsqueeze(1)}
+
     def _reduce_for(self, seg: _Segment, uniq_tables: Tensor):
         """``(group_size, reduce_sum)`` for a segment's unique rows (column shards)."""
         cw = sorted({self.tables[i].name for i in seg.tables if self.tables[i].column_sharded})
@@ -507,10 +519,11 @@ class GroupTBE(nn.Module):
             group_size, reduce_sum = self._reduce_for(seg, uniq_tables)
             states = tuple(self._seg_view(getattr(self, n), seg, self._is_rowwise(n))
                            for n in self.state_names)
+            seg_hp = self._segment_hp(hp, seg, uniq_tables)
             apply_rows_(self._seg_view(self.weights, seg), uniq, g_rows,
-                        self._seg_view(self.dual, seg), states, step=step, hp=hp,
+                        self._seg_view(self.dual, seg), states, step=step, hp=seg_hp,
                         rule_name=self.optimizer, rowwise=self.rowwise, exact=self.exact,
-                        compiled=self.compiled and reduce_sum is None,
+                        compiled=self.compiled and reduce_sum is None and seg_hp is hp,
                         group_size=group_size, reduce_sum=reduce_sum)
         return grad_w
 
@@ -534,6 +547,21 @@ class GroupTBE(nn.Module):
         return (self._table_view(self.seen, i, rowwise=True).bool(),
                 self._table_view(self.weights, i).ne(0).any(dim=1))
 
+    def _seen_rows(self, seg: _Segment):
+        rows = self._seg_view(self.seen, seg, rowwise=True).view(-1).nonzero().view(-1)
+        tables = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
+        for i in seg.tables:
+            lo = seg.row_base[i]
+            tables[(rows >= lo) & (rows < lo + self.tables[i].local_rows)] = i
+        return rows, tables
+
+    def _gather_state(self, seg: _Segment, rows: Tensor):
+        x = self._seg_view(self.weights, seg)
+        dual = self._seg_view(self.dual, seg)
+        states = tuple(self._seg_view(getattr(self, n), seg, self._is_rowwise(n))
+                       .index_select(0, rows) for n in self.state_names)
+        return x, dual, states
+
     @torch.no_grad()
     def reapply_prox(self) -> None:
         """Re-apply the proximal step with the current hyperparameters to every seen row (so a
@@ -542,21 +570,38 @@ class GroupTBE(nn.Module):
         hp = self.current_hyperparameters()
         step = max(float(self.step.item()), 1.0)
         for seg in self.segments:
-            rows = self._seg_view(self.seen, seg, rowwise=True).view(-1).nonzero().view(-1)
-            tables = torch.zeros(len(rows), dtype=torch.long, device=rows.device)
-            for i in seg.tables:
-                lo = seg.row_base[i]
-                tables[(rows >= lo) & (rows < lo + self.tables[i].local_rows)] = i
+            rows, tables = self._seen_rows(seg)
             group_size, reduce_sum = self._reduce_for(seg, tables)
-            x = self._seg_view(self.weights, seg)
-            dual = self._seg_view(self.dual, seg)
-            states = tuple(self._seg_view(getattr(self, n), seg, self._is_rowwise(n))
-                           .index_select(0, rows) for n in self.state_names)
+            x, dual, states = self._gather_state(seg, rows)
             x_new, dual_new = reprox(x.index_select(0, rows), dual.index_select(0, rows), states,
-                                     rule=self.rule, step=step, hp=hp, exact=self.exact,
+                                     rule=self.rule, step=step,
+                                     hp=self._segment_hp(hp, seg, tables), exact=self.exact,
                                      group_size=group_size, reduce_sum=reduce_sum)
             x.index_copy_(0, rows, x_new)
             dual.index_copy_(0, rows, dual_new)
+
+    @torch.no_grad()
+    def seen_row_norms(self) -> dict[str, tuple[Tensor, int]]:
+        """Per table: the shrink norms of its seen rows (``group_norms``; a row is zero after
+        ``reapply_prox`` iff its norm <= sqrt(d) * lambda21) and the group width d. A
+        column-sharded table's rows are reported once, by its column-offset-0 shard. Collective
+        for column-sharded tables."""
+        hp = self.current_hyperparameters()
+        step = max(float(self.step.item()), 1.0)
+        out: dict[str, list] = {}
+        for seg in self.segments:
+            rows, tables = self._seen_rows(seg)
+            _, reduce_sum = self._reduce_for(seg, tables)
+            x, dual, states = self._gather_state(seg, rows)
+            norms = group_norms(x.index_select(0, rows), dual.index_select(0, rows), states,
+                                rule=self.rule, step=step, hp=hp, exact=self.exact,
+                                reduce_sum=reduce_sum).view(-1)
+            for i in seg.tables:
+                t = self.tables[i]
+                if t.col_offset != 0:
+                    continue
+                out.setdefault(t.name, [[], t.full_dim])[0].append(norms[tables == i])
+        return {k: (torch.cat(v[0]), v[1]) for k, v in out.items()}
 
     def state_bytes_per_row(self) -> dict[str, float]:
         """Optimizer-state bytes per row (excluding the weights), and bookkeeping bytes."""

@@ -13,7 +13,15 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from ._functional import apply_dense_, apply_rows_, from_groups, reprox, rowwise_view, to_groups
+from ._functional import (
+    apply_dense_,
+    apply_rows_,
+    from_groups,
+    group_norms,
+    reprox,
+    rowwise_view,
+    to_groups,
+)
 from ._moments import get_rule
 from ._validation import (
     GROUP_BY_OPTIONS,
@@ -77,8 +85,7 @@ class GroupOptimizer(Optimizer):
     """
 
     rule: ClassVar[str]
-    _common = ("lr", "lambda1", "lambda21", "lambda2", "group_by", "rowwise", "exact_group_norm",
-               "nonfinite", "compiled")
+    _flags = ("group_by", "rowwise", "exact_group_norm", "nonfinite", "compiled", "track_seen")
 
     def __init__(self, params, defaults: dict):
         self._validate(defaults, params=None)
@@ -96,6 +103,8 @@ class GroupOptimizer(Optimizer):
         check_bool("rowwise", group["rowwise"])
         check_bool("exact_group_norm", group["exact_group_norm"])
         check_bool("compiled", group["compiled"])
+        group.setdefault("track_seen", False)
+        check_bool("track_seen", group["track_seen"])
         if group["rowwise"] and not get_rule(self.rule).second_moment_names:
             raise ValueError(f"Invalid rowwise: True ({type(self).__name__} has no second moment)")
         self._validate_extra(group)
@@ -116,8 +125,7 @@ class GroupOptimizer(Optimizer):
     # ------------------------------------------------------------------ helpers
     def _hp(self, group: dict, group_by: str) -> dict:
         hp = {k: v for k, v in group.items()
-              if k not in ("params", "param_names", "group_by", "rowwise", "exact_group_norm",
-                           "nonfinite", "compiled")}
+              if k not in ("params", "param_names", "initial_lr", *self._flags)}
         if group_by == "none":
             hp["lambda21"] = 0.0
         return hp
@@ -208,10 +216,58 @@ class GroupOptimizer(Optimizer):
             kw = dict(step=step, hp=hp, rule_name=self.rule, rowwise=rowwise,
                       exact=group["exact_group_norm"], compiled=group["compiled"])
             grad, g2 = p.grad, g2_of.get(p)
+            if group["track_seen"] and gb == "row":
+                self._mark_seen(state, p, grad)
             if grad.is_sparse or i in bad:
                 self._lazy(p, grad, g2, state["dual"], states, rw, gb, i in bad, kw)
             else:
                 apply_dense_(p, grad, state["dual"], states, rw, g2=g2, group_by=gb, **kw)
+
+    @staticmethod
+    def _mark_seen(state: dict, p: Tensor, grad: Tensor) -> None:
+        """1 byte per row: the row had a (non-zero) gradient at some step."""
+        if "seen" not in state:
+            state["seen"] = torch.zeros(p.shape[0], dtype=torch.uint8, device=p.device)
+        if grad.is_sparse:
+            state["seen"][grad.coalesce().indices()[0]] = 1
+        else:
+            state["seen"] |= grad.ne(0).any(dim=1).to(torch.uint8)
+
+    def _param_info(self, p: Tensor):
+        for group in self.param_groups:
+            names = group.get("param_names") or [None] * len(group["params"])
+            for q, name in zip(group["params"], names):
+                if q is p:
+                    return group, resolve_group_by(p, group["group_by"], name)
+        raise ValueError("Invalid parameter: not managed by this optimizer")
+
+    @torch.no_grad()
+    def row_flags(self, p: Tensor) -> tuple[Tensor, Tensor]:
+        """``(seen, non-zero)`` per row of a row-grouped parameter tracked with
+        ``track_seen=True`` (seen = the row had a non-zero gradient)."""
+        state = self.state.get(p, {})
+        seen = state.get("seen")
+        if seen is None:
+            seen = torch.zeros(p.shape[0], dtype=torch.uint8, device=p.device)
+        return seen.bool(), p.ne(0).any(dim=1)
+
+    @torch.no_grad()
+    def seen_row_norms(self, p: Tensor) -> Tensor:
+        """Shrink norms (see ``_functional.group_norms``) of the seen rows of ``p``."""
+        group, gb = self._param_info(p)
+        rule = get_rule(self.rule)
+        state = self.state.get(p)
+        if not state or "seen" not in state:
+            return torch.zeros(0, dtype=p.dtype, device=p.device)
+        rows = state["seen"].nonzero().view(-1)
+        rw = group["rowwise"]
+        states = tuple((rowwise_view(state[n]) if rw and n in rule.second_moment_names
+                        else to_groups(state[n], gb)).index_select(0, rows)
+                       for n in rule.state_names)
+        return group_norms(to_groups(p, gb).index_select(0, rows),
+                           to_groups(state["dual"], gb).index_select(0, rows), states, rule=rule,
+                           step=max(state["step"].item(), 1.0), hp=self._hp(group, gb),
+                           exact=group["exact_group_norm"]).view(-1)
 
     @torch.no_grad()
     def reapply_prox(self) -> None:
@@ -230,10 +286,18 @@ class GroupOptimizer(Optimizer):
                 rw = group["rowwise"]
                 states = tuple(rowwise_view(state[n]) if rw and n in rule.second_moment_names
                                else to_groups(state[n], gb) for n in rule.state_names)
-                x_new, dual_new = reprox(
-                    to_groups(p, gb), to_groups(state["dual"], gb), states, rule=rule,
-                    step=max(state["step"].item(), 1.0), hp=self._hp(group, gb),
-                    exact=group["exact_group_norm"])
+                x2d, dual2d = to_groups(p, gb), to_groups(state["dual"], gb)
+                kw = dict(rule=rule, step=max(state["step"].item(), 1.0), hp=self._hp(group, gb),
+                          exact=group["exact_group_norm"])
+                if "seen" in state:  # only rows that were trained (lazy tables)
+                    rows = state["seen"].nonzero().view(-1)
+                    x_new, dual_new = reprox(x2d.index_select(0, rows),
+                                             dual2d.index_select(0, rows),
+                                             tuple(t.index_select(0, rows) for t in states), **kw)
+                    x2d.index_copy_(0, rows, x_new)
+                    dual2d.index_copy_(0, rows, dual_new)
+                    continue
+                x_new, dual_new = reprox(x2d, dual2d, states, **kw)
                 p.copy_(from_groups(x_new, gb, p.shape))
                 state["dual"].copy_(from_groups(dual_new, gb, p.shape))
 

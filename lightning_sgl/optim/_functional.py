@@ -26,9 +26,9 @@ from torch import Tensor
 
 from ._dual import dual_carry, dual_to_z, dual_update
 from ._moments import MomentRule, get_rule
-from ._prox import prox
+from ._prox import group_norm, prox, soft_threshold
 
-__all__ = ["group_step", "reprox", "second_moment_input", "apply_dense_", "apply_rows_", "to_groups",
+__all__ = ["group_step", "reprox", "group_norms", "second_moment_input", "apply_dense_", "apply_rows_", "to_groups",
            "from_groups"]
 
 
@@ -108,6 +108,19 @@ def reprox(x: Tensor, dual: Tensor, states: tuple[Tensor, ...], *, rule: MomentR
     x_new = prox(z, sigma, hp["lambda1"], hp["lambda21"], hp["lambda2"], exact, group_size,
                  reduce_sum)
     return x_new, dual_carry(z, sigma, x_new)
+
+
+def group_norms(x: Tensor, dual: Tensor, states: tuple[Tensor, ...], *, rule: MomentRule, step,
+                hp: dict, exact: bool = False, reduce_sum=None) -> Tensor:
+    """The norm each group is compared with in the shrink, ``[G, 1]``, from the stored state.
+
+    A group is zero after :func:`reprox` iff this norm is ``<= sqrt(d_g) * lambda21``, which lets
+    a controller choose ``lambda21`` for a target share of non-zero groups (it does not depend
+    on ``lambda21``).
+    """
+    sigma = rule.sigma(states, step, hp, x)
+    z = dual_to_z(dual, sigma, x)
+    return group_norm(soft_threshold(z, hp["lambda1"]), sigma, hp["lambda2"], exact, reduce_sum)
 
 
 # --------------------------------------------------------------------------- layouts
