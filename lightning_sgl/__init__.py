@@ -14,6 +14,27 @@ from .optim import (
 
 __version__ = "0.1.0"
 
+_LAZY = {
+    "TorchRecStrategy": ("lightning_sgl.strategy", "TorchRecStrategy"),
+    "GroupLasso": ("lightning_sgl.callbacks", "GroupLasso"),
+    "SparsityMonitor": ("lightning_sgl.callbacks", "SparsityMonitor"),
+    "group_optimizers": ("lightning_sgl.factory", "group_optimizers"),
+    "GroupOptimizers": ("lightning_sgl.factory", "GroupOptimizers"),
+}
+
+
+def __getattr__(name: str):
+    """Lightning/TorchRec front ends are imported on first use (``import lightning_sgl`` stays
+    light for users of the optimizers only)."""
+    if name in _LAZY:
+        import importlib
+
+        module, attr = _LAZY[name]
+        value = getattr(importlib.import_module(module), attr)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'lightning_sgl' has no attribute {name!r}")
+
 __all__ = [
     "GroupOptimizer",
     "GroupSGD",
@@ -24,4 +45,9 @@ __all__ = [
     "GroupAdaHessian",
     "NonFiniteGradientError",
     "mark_embedding",
+    "TorchRecStrategy",
+    "GroupLasso",
+    "SparsityMonitor",
+    "group_optimizers",
+    "GroupOptimizers",
 ]

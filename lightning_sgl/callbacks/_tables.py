@@ -1,0 +1,130 @@
+"""Adapters that let the callbacks see group-regularised tables the same way, sharded or not.
+
+``tables_of(pl_module)`` returns ``TorchRecTables`` (fused kernels inside sharded EBCs) or
+``DenseTables`` (plain ``nn.Embedding``/``nn.EmbeddingBag`` tables trained by a Group optimizer
+from :func:`~lightning_sgl.group_optimizers`). Both give, per table:
+
+- ``counts()``: exact ``(rows seen, seen rows non-zero)`` over all ranks (collective);
+- ``norms()``: local shrink norms of seen rows (each row on one rank) and the group width;
+- ``set_lambda21(values)`` / ``lambda21()`` and ``reapply()`` (re-run the prox on seen rows).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from ..factory import GROUP_LASSO_MARK, GroupOptimizers
+
+__all__ = ["tables_of", "TorchRecTables", "DenseTables"]
+
+
+class TorchRecTables:
+    def __init__(self, module: nn.Module):
+        from torchrec_ext import feature_rate
+
+        self._fr = feature_rate
+        self.module = module
+        self.kernels = feature_rate.all_group_kernels(module)
+        self.names = sorted(self._plan_tables())
+
+    def _plan_tables(self) -> list[str]:
+        names = []
+        mods = self._fr.group_modules(self.module)
+        for path, m in mods:
+            for n, ps in m.module_sharding_plan.items():
+                if ps.sharding_type != "data_parallel":
+                    names.append(n if len(mods) == 1 else f"{path}.{n}")
+        return names
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        return self._fr.feature_counts(self.module)
+
+    def norms(self) -> dict[str, tuple[Tensor, int]]:
+        return self._fr.seen_row_norms(self.module)
+
+    def _local(self, name: str) -> str:
+        return name.rsplit(".", 1)[-1]
+
+    def lambda21(self) -> dict[str, float]:
+        out = {}
+        for k in self.kernels:
+            hp = k.current_hyperparameters()
+            for t in k.tables:
+                out.setdefault(t.name, float(k.table_lambda21.get(t.name, hp["lambda21"])))
+        return {n: out.get(self._local(n), float("nan")) for n in self.names}
+
+    def set_lambda21(self, values: dict[str, float]) -> None:
+        local = {self._local(n): float(v) for n, v in values.items()}
+        for k in self.kernels:
+            for t in k.tables:
+                if t.name in local:
+                    k.table_lambda21[t.name] = local[t.name]
+
+    def reapply(self) -> None:
+        for k in self.kernels:
+            k.reapply_prox()
+
+
+class DenseTables:
+    def __init__(self, module: nn.Module, optimizer: GroupOptimizers):
+        self.opt = optimizer.parts.get("tables")
+        self.params: dict[str, nn.Parameter] = {}
+        if self.opt is not None:
+            for group in self.opt.param_groups:
+                for name, p in zip(group.get("param_names") or [], group["params"]):
+                    if hasattr(p, GROUP_LASSO_MARK):
+                        self.params[name.removesuffix(".weight")] = p
+        self.names = sorted(self.params)
+
+    def _group(self, p):
+        return next(g for g in self.opt.param_groups if any(q is p for q in g["params"]))
+
+    def counts(self) -> dict[str, tuple[int, int]]:
+        out = {}
+        for name, p in self.params.items():  # replicated by DDP: local counts are global
+            seen, nz = self.opt.row_flags(p)
+            out[name] = (int(seen.sum()), int((seen & nz).sum()))
+        return out
+
+    def norms(self) -> dict[str, tuple[Tensor, int]]:
+        import torch.distributed as dist
+
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        out = {}
+        for name, p in self.params.items():
+            n = self.opt.seen_row_norms(p)
+            out[name] = (n if rank0 else n[:0], p.shape[1])  # replicated: report once
+        return out
+
+    def lambda21(self) -> dict[str, float]:
+        return {n: float(self._group(p)["lambda21"]) for n, p in self.params.items()}
+
+    def set_lambda21(self, values: dict[str, float]) -> None:
+        for n, v in values.items():
+            self._group(self.params[n])["lambda21"] = float(v)
+
+    def reapply(self) -> None:
+        self.opt.reapply_prox()
+
+
+def tables_of(pl_module, optimizer=None):
+    """The group-regularised tables of ``pl_module`` (TorchRec first), or ``None``."""
+    try:
+        from torchrec_ext import feature_rate
+
+        if feature_rate.all_group_kernels(pl_module):
+            return TorchRecTables(pl_module)
+    except ImportError:  # pragma: no cover
+        pass
+    if isinstance(optimizer, GroupOptimizers):
+        dense = DenseTables(pl_module, optimizer)
+        if dense.names:
+            return dense
+    return None
+
+
+def count_above(norms: dict[str, tuple[Tensor, int]], lam: dict[str, float]) -> Tensor:
+    """Per table: number of local seen rows with norm > sqrt(d) * lambda21 (float64)."""
+    return torch.tensor([float((v[0] > (v[1] ** 0.5) * lam[k]).sum()) for k, v in norms.items()],
+                        dtype=torch.float64)

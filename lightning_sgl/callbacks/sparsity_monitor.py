@@ -1,0 +1,246 @@
+"""``SparsityMonitor``: report the feature rate and tune ``lambda21`` to hit a target.
+
+feature rate = rows that are non-zero / rows seen in training (per table and overall), exact
+across ranks for every sharding type.
+
+Tuning. After a proximal step, a seen row is zero iff its *shrink norm* (``||s||``, or
+``||A^{-1/2} s||`` with ``exact_group_norm``; it does not depend on ``lambda21``) is
+``<= sqrt(d) * lambda21``. Every ``tune_every_n_steps`` steps the monitor therefore chooses the
+``lambda21`` for which the number of seen rows with a larger norm equals ``target x rows seen``
+(a bisection on ``lambda21`` over all-reduced counts, identical on every rank), sets it, and
+re-applies the prox to all seen rows, so the rate is on target at once, also for rows the batches
+do not touch. Between tunings training moves the norms a little; the next tuning corrects it.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Callable
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.rank_zero import rank_zero_info
+
+from ..factory import GROUP_LASSO_MARK
+from ._tables import count_above, tables_of
+
+__all__ = ["SparsityMonitor", "bisect_lambda21", "feature_rates"]
+
+
+def feature_rates(counts: dict[str, tuple[int, int]]) -> tuple[float, dict[str, float]]:
+    """Overall and per-table feature rate from ``(seen, non-zero)`` counts (0 if nothing seen)."""
+    per = {k: (nz / s if s else 0.0) for k, (s, nz) in counts.items()}
+    seen = sum(s for s, _ in counts.values())
+    return (sum(nz for _, nz in counts.values()) / seen if seen else 0.0), per
+
+
+def bisect_lambda21(count: Callable[[float], float], target: float, hi: float,
+                    lo: float = 1e-12, iters: int = 60) -> float:
+    """The smallest ``lambda21`` (to bisection precision, in log space) with
+    ``count(lambda21) <= target``, for a non-increasing ``count``."""
+    if count(lo) <= target:
+        return lo
+    hi = max(hi, lo * 2)
+    for _ in range(iters):
+        mid = math.sqrt(lo * hi)
+        if count(mid) <= target:
+            hi = mid
+        else:
+            lo = mid
+    return hi
+
+
+class SparsityMonitor(Callback):
+    """Log the feature rate of group-regularised tables and optionally tune ``lambda21``.
+
+    Args:
+        target_feature_rate: ``None`` (report only), a float in (0, 1] for the overall rate, or
+            ``{table: rate}`` per table.
+        log_every_n_steps: logging interval (default: the Trainer's ``log_every_n_steps``).
+        tune_every_n_steps: tuning interval in optimizer steps.
+        warmup_steps: steps before the first tuning.
+        plot: write ``sparsity_monitor.png`` (feature rate and lambda21 over steps) at fit end.
+
+    Logs ``feature_rate`` (progress bar), ``feature_rate/<table>``, ``rows_seen/<table>``,
+    ``rows_nonzero/<table>`` and ``lambda21/<table>``.
+    """
+
+    def __init__(self, target_feature_rate: float | dict[str, float] | None = None, *,
+                 log_every_n_steps: int | None = None, tune_every_n_steps: int = 10,
+                 warmup_steps: int = 0, plot: bool = True) -> None:
+        self._validate_target(target_feature_rate)
+        for name, v in (("log_every_n_steps", log_every_n_steps),
+                        ("tune_every_n_steps", tune_every_n_steps)):
+            if v is not None and (not isinstance(v, int) or v < 1):
+                raise ValueError(f"Invalid {name}: {v!r} (valid range: integer >= 1)")
+        if not isinstance(warmup_steps, int) or warmup_steps < 0:
+            raise ValueError(f"Invalid warmup_steps: {warmup_steps!r} (valid range: integer >= 0)")
+        self.target = target_feature_rate
+        self.log_every_n_steps = log_every_n_steps
+        self.tune_every_n_steps = tune_every_n_steps
+        self.warmup_steps = warmup_steps
+        self.plot = plot
+        self.lambda21: dict[str, float] = {}
+        self.history: list[tuple[int, float, float]] = []  # (step, rate, mean lambda21)
+        self.plot_path: str | None = None
+        self._tables = None
+
+    @staticmethod
+    def _validate_target(target) -> None:
+        if target is None:
+            return
+        items = target.items() if isinstance(target, dict) else [("", target)]
+        for name, v in items:
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not (0.0 < v <= 1.0):
+                arg = f"target_feature_rate[{name!r}]" if name else "target_feature_rate"
+                raise ValueError(f"Invalid {arg}: {v!r} (valid range: 0 < rate <= 1)")
+
+    @property
+    def state_key(self) -> str:
+        return "SparsityMonitor"
+
+    # ------------------------------------------------------------------ setup
+    def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        from .group_lasso import GroupLasso
+
+        if any(isinstance(c, GroupLasso) for c in trainer.callbacks):
+            return
+        tagged = any(hasattr(p, GROUP_LASSO_MARK) or any(
+            (kw or {}).get("optimizer") == "lightning_sgl.group"
+            for kw in getattr(p, "_optimizer_kwargs", [])) for p in pl_module.parameters())
+        if not tagged:
+            raise ValueError("SparsityMonitor: no group-regularised table found (add the "
+                             "GroupLasso callback, or apply_group_optimizer to the tables)")
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        optimizer = trainer.optimizers[0] if trainer.optimizers else None
+        self._tables = tables_of(pl_module, optimizer)
+        if self._tables is None:
+            raise ValueError("SparsityMonitor: no group-regularised table found after setup "
+                             "(configure_optimizers must return group_optimizers(self, ...))")
+        if isinstance(self.target, dict):
+            unknown = sorted(set(self.target) - set(self._tables.names))
+            if unknown:
+                raise ValueError(f"Invalid target_feature_rate: unknown tables {unknown} "
+                                 f"(valid: {self._tables.names})")
+        if self.lambda21:  # resumed: the tuned values are ours to restore
+            self._tables.set_lambda21(self.lambda21)
+        else:
+            self.lambda21 = self._tables.lambda21()
+
+    # ------------------------------------------------------------------ tuning
+    def _allreduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            dev = (torch.device("cuda", torch.cuda.current_device())
+                   if dist.get_backend() == "nccl" else torch.device("cpu"))
+            t = t.to(dev)
+            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+            t = t.cpu()
+        return t
+
+    def _tune(self) -> None:
+        tables = self._tables
+        counts = tables.counts()
+        norms = tables.norms()
+        names = list(norms)
+        max_scaled = torch.tensor([float(v[0].max() / math.sqrt(v[1])) if v[0].numel() else 0.0
+                                   for v in norms.values()], dtype=torch.float64)
+        max_scaled = self._allreduce(max_scaled, dist.ReduceOp.MAX)
+        if isinstance(self.target, dict):
+            new = dict(self.lambda21)
+            for j, name in enumerate(names):
+                if name not in self.target:
+                    continue
+                goal = round(self.target[name] * counts[name][0])
+                sub = {name: norms[name]}
+
+                def count(lam, sub=sub, name=name):
+                    return float(self._allreduce(count_above(sub, {name: lam})).sum())
+
+                new[name] = bisect_lambda21(count, goal, float(max_scaled[j]) * 1.0001 + 1e-12)
+        else:
+            goal = round(self.target * sum(s for s, _ in counts.values()))
+
+            def count(lam):
+                return float(self._allreduce(count_above(norms, dict.fromkeys(names, lam))).sum())
+
+            lam = bisect_lambda21(count, goal, float(max_scaled.max()) * 1.0001 + 1e-12)
+            new = dict.fromkeys(names, lam)
+        tables.set_lambda21(new)
+        tables.reapply()
+        self.lambda21 = tables.lambda21()
+
+    # ------------------------------------------------------------------ hooks
+    def _log(self, pl_module: pl.LightningModule, step: int, on_epoch: bool) -> None:
+        counts = self._tables.counts()
+        rate, per = feature_rates(counts)
+        kw = dict(on_step=not on_epoch, on_epoch=on_epoch, batch_size=1, sync_dist=False)
+        pl_module.log("feature_rate", rate, prog_bar=True, **kw)
+        for name, (seen, nz) in counts.items():
+            pl_module.log(f"feature_rate/{name}", per[name], **kw)
+            pl_module.log(f"rows_seen/{name}", float(seen), **kw)
+            pl_module.log(f"rows_nonzero/{name}", float(nz), **kw)
+            pl_module.log(f"lambda21/{name}", float(self.lambda21.get(name, float("nan"))), **kw)
+        lam = [v for v in self.lambda21.values() if not math.isnan(v)]
+        self.history.append((step, rate, sum(lam) / len(lam) if lam else float("nan")))
+
+    def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           outputs: Any, batch: Any, batch_idx: int) -> None:
+        step = trainer.global_step
+        if (self.target is not None and step > self.warmup_steps
+                and step % self.tune_every_n_steps == 0):
+            self._tune()
+        every = self.log_every_n_steps or trainer.log_every_n_steps
+        if step % every == 0:
+            self._log(pl_module, step, on_epoch=False)
+
+    def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._log(pl_module, trainer.global_step, on_epoch=True)
+        rate, per = feature_rates(self._tables.counts())
+        rank_zero_info(f"SparsityMonitor: step {trainer.global_step} feature rate {rate:.4f} "
+                       + " ".join(f"{k}={v:.4f}" for k, v in per.items()))
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if not self.plot or not self.history:
+            return
+        folder = trainer.log_dir or trainer.default_root_dir  # collective: every rank asks
+        if trainer.is_global_zero:
+            os.makedirs(folder, exist_ok=True)
+            self.plot_path = os.path.join(folder, "sparsity_monitor.png")
+            self._plot(self.plot_path)
+            rank_zero_info(f"SparsityMonitor: wrote {self.plot_path}")
+
+    def _plot(self, path: str) -> None:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+
+        steps = [h[0] for h in self.history]
+        fig, ax = plt.subplots(figsize=(7, 4))
+        ax.plot(steps, [h[1] for h in self.history], color="tab:blue", label="feature rate")
+        if self.target is not None and not isinstance(self.target, dict):
+            ax.axhline(self.target, color="tab:blue", ls=":", label="target")
+        ax.set_xlabel("step")
+        ax.set_ylabel("feature rate (non-zero / seen rows)", color="tab:blue")
+        ax2 = ax.twinx()
+        ax2.plot(steps, [h[2] for h in self.history], color="tab:red", label="lambda21")
+        ax2.set_ylabel("lambda21", color="tab:red")
+        ax2.set_yscale("log")
+        ax.set_title("SparsityMonitor")
+        fig.tight_layout()
+        fig.savefig(path, dpi=100)
+        plt.close(fig)
+
+    # ------------------------------------------------------------------ state
+    def state_dict(self) -> dict[str, Any]:
+        return {"lambda21": dict(self.lambda21), "history": list(self.history),
+                "target": self.target}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.lambda21 = dict(state_dict.get("lambda21", {}))
+        self.history = [tuple(h) for h in state_dict.get("history", [])]
