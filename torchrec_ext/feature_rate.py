@@ -70,7 +70,7 @@ def feature_counts(module: nn.Module, pg=None) -> dict[str, tuple[int, int]]:
             local = local.to(dev)
             dist.all_reduce(local, group=pg)
             local = local.cpu()
-        key = (lambda n: n) if len(mods) == 1 else (lambda n: f"{path}.{n}")
+        key = (lambda n, p=path: n) if len(mods) == 1 else (lambda n, p=path: f"{p}.{n}")
         for j, name in enumerate(summed):
             result[key(name)] = (int(local[j, 0]), int(local[j, 1]))
         for name in (n for n in names if n not in summed):

@@ -67,7 +67,7 @@ class GroupLasso(Callback):
         # validate the values now (a throw-away parameter): clear errors before any training
         import torch
         optimizer([torch.nn.Parameter(torch.zeros(1, 1))], group_by="row", **kwargs)
-        for name, kw in self.per_table.items():
+        for _name, kw in self.per_table.items():
             optimizer([torch.nn.Parameter(torch.zeros(1, 1))], group_by="row", **{**kwargs, **kw})
 
     @property

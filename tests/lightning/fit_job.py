@@ -27,7 +27,7 @@ def gather_tables(trainer, module) -> dict:
     opt_sd = trainer.optimizers[0].state_dict()
     fused = opt_sd.get("fused")
     if fused:
-        for param_key, states in fused["state"].items():
+        for _param_key, states in fused["state"].items():
             for name, v in states.items():
                 if isinstance(v, ShardedTensor):
                     full = torch.empty(v.size()) if trainer.is_global_zero else None
