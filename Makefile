@@ -15,6 +15,7 @@ install: $(STAMP)
 
 demo: $(STAMP)
 	$(PY) examples/demo.py
+	$(PY) examples/train_ctr.py fit --config examples/configs/synthetic_dlrm.yaml
 
 test: $(STAMP)
 	$(PY) -m ruff check lightning_sgl torchrec_ext tests examples benchmarks

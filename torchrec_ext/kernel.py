@@ -289,13 +289,15 @@ class GroupTBE(nn.Module):
         self._column_groups = dict(groups)
         self._column_owners = dict(owners or {})
 
+    def row_seen_view(self, i: int) -> Tensor:
+        """The ``seen`` flags (uint8) of local table ``i``, a view of the kernel buffer."""
+        return self._table_view(self.seen, i, rowwise=True)
+
     @torch.no_grad()
     def sync_column_shards(self) -> None:
         """Copy row-wise state from each column-sharded table's column-offset-0 shard to its other
         shards (after a checkpoint load, which fills only the owner's copy). Collective."""
-        rowwise_names = [n for n in self.state_names if self._is_rowwise(n)]
-        if not rowwise_names:
-            return
+        rowwise_names = [n for n in self.state_names if self._is_rowwise(n)] + ["seen"]
         names = sorted({t.name for t in self.tables if t.column_sharded})
         for name in names:
             local = [i for i, t in enumerate(self.tables) if t.name == name]

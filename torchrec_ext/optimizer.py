@@ -11,6 +11,8 @@ States per table:
 - row-wise moments (``rowwise=True``): a 1-D ``[num_embeddings]`` tensor sharded by rows. Column
   shards of a table hold identical copies; only the shard at column offset 0 publishes it (so the
   global size is the same under every plan) and the others receive it after a load;
+- ``"<table>.seen"``: the 1-byte per row "seen in training" flags (row-sharded like row-wise
+  state), so the feature rate resumes exactly;
 - ``"<table>.step"``: the kernel's step count (replicated).
 
 ``param_groups[0]`` holds ``lr``, the lambdas and the base optimizer's hyperparameters; the kernel
@@ -73,6 +75,11 @@ class GroupFusedOptimizer(FusedOptimizer):
                              for v, i in zip(local, idxs)], meta, pg)
                     else:
                         st[f"{name}.{key}"] = self._rowwise_state(config, idxs, local, gmeta)
+            seen = [kernel.row_seen_view(i) for i in idxs]
+            if gmeta is None or tc.local_metadata is None:
+                st[f"{name}.seen"] = seen[0]
+            else:
+                st[f"{name}.seen"] = self._rowwise_state(config, idxs, seen, gmeta)
             st[f"{name}.step"] = kernel.step
             params[f"{name}.weight"] = weight
             state[weight] = st
@@ -82,12 +89,14 @@ class GroupFusedOptimizer(FusedOptimizer):
 
     def _rowwise_state(self, config, idxs, local, gmeta) -> ShardedTensor:
         shards = [m for m in gmeta.shards_metadata if m.shard_offsets[1] == 0]
+        props = copy.deepcopy(gmeta.tensor_properties)
+        props.dtype = local[0].dtype
         meta = ShardedTensorMetadata(
             shards_metadata=[ShardMetadata(shard_offsets=[m.shard_offsets[0]],
                                            shard_sizes=[m.shard_sizes[0]], placement=m.placement)
                              for m in shards],
             size=torch.Size([gmeta.size[0]]),
-            tensor_properties=copy.deepcopy(gmeta.tensor_properties))
+            tensor_properties=props)
         mine = []
         for v, i in zip(local, idxs):
             lm = config.embedding_tables[i].local_metadata

@@ -41,12 +41,13 @@ class GroupLasso(Callback):
     """Train the embedding tables with a Group optimizer (one row = one feature = one group).
 
     Args:
-        optimizer: the Group optimizer class (``GroupAdam`` by default).
+        optimizer: the Group optimizer class, or its name (``"GroupAdam"``, ``"adam"``, ...).
+        lr, lambda1, lambda21, lambda2: the optimizer's learning rate and penalties.
         tables: table names to regularise (TorchRec table names, or module names of plain
             ``nn.Embedding``/``nn.EmbeddingBag`` tables); default all.
         per_table: per-table overrides, e.g. ``{"user_id": {"lambda21": 1e-3}}``.
-        **kwargs: the optimizer's arguments (``lr``, ``lambda1``, ``lambda21``, ``lambda2``,
-            ``betas``, ``eps``, ``rowwise``, ...), validated here.
+        optimizer_kwargs: the optimizer's other arguments (``betas``, ``eps``, ``rowwise``, ...)
+            as a dict (YAML-friendly); ``**kwargs`` are accepted too. All validated here.
 
     TorchRec ``EmbeddingBagCollection`` tables get the fused kernel (see
     :func:`torchrec_ext.apply_group_optimizer`); plain tables are marked so that
@@ -54,9 +55,17 @@ class GroupLasso(Callback):
     gradients welcome).
     """
 
-    def __init__(self, optimizer: type[GroupOptimizer] = GroupAdam, *,
-                 tables: list[str] | None = None,
-                 per_table: dict[str, dict[str, Any]] | None = None, **kwargs: Any) -> None:
+    def __init__(self, optimizer: str | type[GroupOptimizer] = "GroupAdam", *,
+                 lr: float | None = None, lambda1: float = 0.0, lambda21: float = 0.0,
+                 lambda2: float = 0.0, tables: list[str] | None = None,
+                 per_table: dict[str, dict[str, Any]] | None = None,
+                 optimizer_kwargs: dict[str, Any] | None = None, **kwargs: Any) -> None:
+        if isinstance(optimizer, str):
+            by_name = {c.__name__.lower(): c for c in _VALID}
+            by_name.update({c.rule: c for c in _VALID})
+            optimizer = by_name.get(optimizer.lower(), optimizer)
+        kwargs = {**({"lr": lr} if lr is not None else {}), "lambda1": lambda1,
+                  "lambda21": lambda21, "lambda2": lambda2, **(optimizer_kwargs or {}), **kwargs}
         if not (isinstance(optimizer, type) and issubclass(optimizer, _VALID)):
             raise ValueError(f"Invalid optimizer: {optimizer!r} (valid: "
                              f"{', '.join(c.__name__ for c in _VALID)})")

@@ -9,7 +9,8 @@ Tuning. After a proximal step, a seen row is zero iff its *shrink norm* (``||s||
 ``lambda21`` for which the number of seen rows with a larger norm equals ``target x rows seen``
 (a bisection on ``lambda21`` over all-reduced counts, identical on every rank), sets it, and
 re-applies the prox to all seen rows, so the rate is on target at once, also for rows the batches
-do not touch. Between tunings training moves the norms a little; the next tuning corrects it.
+do not touch. Between tunings training moves the norms a little (touched rows can revive, newly
+seen rows join); the next tuning corrects it, and every epoch ends with a tuning.
 """
 
 from __future__ import annotations
@@ -199,6 +200,8 @@ class SparsityMonitor(Callback):
             self._log(pl_module, step, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if self.target is not None and trainer.global_step > self.warmup_steps:
+            self._tune()  # end every epoch on target (the rate drifts a little between tunings)
         self._log(pl_module, trainer.global_step, on_epoch=True)
         rate, per = feature_rates(self._tables.counts())
         rank_zero_info(f"SparsityMonitor: step {trainer.global_step} feature rate {rate:.4f} "

@@ -197,7 +197,16 @@ def assemble(parts: list[dict]) -> dict[str, torch.Tensor]:
     return full
 
 
-def spawn(fn: Callable, *args) -> None:
+def spawn(fn: Callable, *args, attempts: int = 2) -> None:
+    """Run ``fn(rank, port, *args)`` on 2 ranks. A rank killed by a signal (seen once as a gloo
+    SIGABRT while connecting, on a freshly reused port) is retried once on a new port; Python
+    exceptions (assertion failures) are never retried."""
     import torch.multiprocessing as mp
 
-    mp.spawn(fn, args=(free_port(), *args), nprocs=WORLD, join=True)
+    for attempt in range(attempts):
+        try:
+            mp.spawn(fn, args=(free_port(), *args), nprocs=WORLD, join=True)
+            return
+        except mp.ProcessExitedException:
+            if attempt == attempts - 1:
+                raise
