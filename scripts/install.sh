@@ -29,7 +29,7 @@ else
 fi
 pipi --no-deps "$(pin torchrec)"
 pipi -c "$pins" tensordict pyre-extensions iopath tqdm lightning torchmetrics numpy scipy matplotlib \
-  pytest hypothesis ruff
+  pytest hypothesis ruff "jsonargparse[signatures]" docstring-parser typeshed-client
 pipi --no-deps --no-build-isolation -e "$here" 2>/dev/null || pipi --no-deps -e "$here"
 "$py" - <<'PY'
 import torch, fbgemm_gpu, torchrec, lightning
