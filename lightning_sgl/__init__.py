@@ -18,6 +18,7 @@ _LAZY = {
     "TorchRecStrategy": ("lightning_sgl.strategy", "TorchRecStrategy"),
     "GroupLasso": ("lightning_sgl.callbacks", "GroupLasso"),
     "SparsityMonitor": ("lightning_sgl.callbacks", "SparsityMonitor"),
+    "MagnitudePruning": ("lightning_sgl.callbacks", "MagnitudePruning"),
     "group_optimizers": ("lightning_sgl.factory", "group_optimizers"),
     "GroupOptimizers": ("lightning_sgl.factory", "GroupOptimizers"),
 }
@@ -48,6 +49,7 @@ __all__ = [
     "TorchRecStrategy",
     "GroupLasso",
     "SparsityMonitor",
+    "MagnitudePruning",
     "group_optimizers",
     "GroupOptimizers",
 ]

@@ -15,7 +15,8 @@ from torch import Tensor, nn
 from .kernel import GroupTBE
 from .sharder import ShardedGroupEmbeddingBagCollection
 
-__all__ = ["group_modules", "feature_counts", "seen_row_norms", "all_group_kernels"]
+__all__ = ["group_modules", "feature_counts", "seen_row_norms", "all_group_kernels",
+           "seen_row_weight_norms", "prune_seen_rows"]
 
 _COLUMN = ("column_wise", "table_column_wise")
 
@@ -105,3 +106,31 @@ def seen_row_norms(module: nn.Module) -> dict[str, tuple[Tensor, int]]:
                 key = name if len(mods) == 1 else f"{path}.{name}"
                 out.setdefault(key, [[], dim])[0].append(norms)
     return {k: (torch.cat(v[0]) if v[0] else torch.zeros(0), v[1]) for k, v in out.items()}
+
+
+@torch.no_grad()
+def seen_row_weight_norms(module: nn.Module) -> dict[str, Tensor]:
+    """Local full-row L2 norms of seen rows per table (each row reported by one rank; every
+    table of the plan present, possibly empty). Collective for column-sharded tables."""
+    out: dict[str, list] = {}
+    mods = group_modules(module)
+    for path, sharded in mods:
+        key = (lambda n, p=path: n) if len(mods) == 1 else (lambda n, p=path: f"{p}.{n}")
+        for cfg in sharded._embedding_bag_configs:
+            if sharded.module_sharding_plan[cfg.name].sharding_type != "data_parallel":
+                out[key(cfg.name)] = []
+        for k in sharded.group_kernels():
+            for name, (_, norms) in k.seen_row_weight_norms().items():
+                out[key(name)].append(norms)
+    return {k: (torch.cat(v) if v else torch.zeros(0)) for k, v in out.items()}
+
+
+@torch.no_grad()
+def prune_seen_rows(module: nn.Module, thresholds: dict[str, float]) -> None:
+    """Zero the seen rows whose full-row norm is <= the table's threshold (collective for CW)."""
+    mods = group_modules(module)
+    for path, sharded in mods:
+        local = {n.rsplit(".", 1)[-1] if len(mods) > 1 else n: v for n, v in thresholds.items()
+                 if len(mods) == 1 or n.startswith(path + ".")}
+        for k in sharded.group_kernels():
+            k.prune_seen_rows(local)

@@ -605,6 +605,43 @@ class GroupTBE(nn.Module):
                 out.setdefault(t.name, [[], t.full_dim])[0].append(norms[tables == i])
         return {k: (torch.cat(v[0]), v[1]) for k, v in out.items()}
 
+    @torch.no_grad()
+    def seen_row_weight_norms(self) -> dict[str, tuple[Tensor, Tensor]]:
+        """Per table: ``(rows, L2 norms)`` of its seen rows (full rows: column shards are
+        summed), reported by the column-offset-0 shard only. Collective for column shards."""
+        out: dict[str, list] = {}
+        for seg in self.segments:
+            rows, tables = self._seen_rows(seg)
+            _, reduce_sum = self._reduce_for(seg, tables)
+            x = self._seg_view(self.weights, seg).index_select(0, rows)
+            sq = (x * x).sum(dim=1, keepdim=True)
+            norms = torch.sqrt(reduce_sum(sq) if reduce_sum is not None else sq).view(-1)
+            for i in seg.tables:
+                if self.tables[i].col_offset != 0:
+                    continue
+                m = tables == i
+                out.setdefault(self.tables[i].name, [[], []])
+                out[self.tables[i].name][0].append(rows[m] - seg.row_base[i])
+                out[self.tables[i].name][1].append(norms[m])
+        return {k: (torch.cat(v[0]), torch.cat(v[1])) for k, v in out.items()}
+
+    @torch.no_grad()
+    def prune_seen_rows(self, thresholds: dict[str, float]) -> None:
+        """Magnitude pruning: set to 0 every seen row of table ``t`` whose full-row L2 norm is
+        ``<= thresholds[t]`` (weights only: with lambdas 0 the stored dual is 0, so the row
+        restarts from 0 if a later batch touches it). Collective for column shards."""
+        for seg in self.segments:
+            rows, tables = self._seen_rows(seg)
+            _, reduce_sum = self._reduce_for(seg, tables)
+            w = self._seg_view(self.weights, seg)
+            x = w.index_select(0, rows)
+            sq = (x * x).sum(dim=1, keepdim=True)
+            norms = torch.sqrt(reduce_sum(sq) if reduce_sum is not None else sq).view(-1)
+            thr = torch.tensor([float(thresholds.get(t.name, -1.0)) for t in self.tables],
+                               dtype=norms.dtype, device=norms.device)[tables]
+            drop = rows[norms <= thr]
+            w.index_fill_(0, drop, 0.0)
+
     def state_bytes_per_row(self) -> dict[str, float]:
         """Optimizer-state bytes per row (excluding the weights), and bookkeeping bytes."""
         rows = max(1, self.seen.numel())

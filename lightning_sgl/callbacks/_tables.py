@@ -65,6 +65,12 @@ class TorchRecTables:
         for k in self.kernels:
             k.reapply_prox()
 
+    def weight_norms(self) -> dict[str, Tensor]:
+        return self._fr.seen_row_weight_norms(self.module)
+
+    def prune(self, thresholds: dict[str, float]) -> None:
+        self._fr.prune_seen_rows(self.module, thresholds)
+
 
 class DenseTables:
     def __init__(self, module: nn.Module, optimizer: GroupOptimizers):
@@ -106,6 +112,25 @@ class DenseTables:
 
     def reapply(self) -> None:
         self.opt.reapply_prox()
+
+    def weight_norms(self) -> dict[str, Tensor]:
+        import torch.distributed as dist
+
+        rank0 = not dist.is_initialized() or dist.get_rank() == 0
+        out = {}
+        for name, p in self.params.items():
+            seen, _ = self.opt.row_flags(p)
+            n = p.detach()[seen].norm(dim=1)
+            out[name] = n if rank0 else n[:0]
+        return out
+
+    @torch.no_grad()
+    def prune(self, thresholds: dict[str, float]) -> None:
+        for name, p in self.params.items():
+            if name in thresholds:
+                seen, _ = self.opt.row_flags(p)
+                drop = seen & (p.norm(dim=1) <= thresholds[name])
+                p[drop] = 0.0
 
 
 def tables_of(pl_module, optimizer=None):

@@ -60,6 +60,12 @@ def main(out_dir: str, cfg: dict) -> None:
                                   tune_every_n_steps=cfg.get("tune_every", 5),
                                   log_every_n_steps=cfg.get("log_every", 5))
         callbacks.append(monitor)
+    pruning = None
+    if cfg.get("prune"):
+        from lightning_sgl import MagnitudePruning
+
+        pruning = MagnitudePruning(**cfg["prune"])
+        callbacks.append(pruning)
     ckpt_dir = cfg.get("ckpt_dir")
     if ckpt_dir:
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True,
@@ -87,7 +93,8 @@ def main(out_dir: str, cfg: dict) -> None:
                   "global_step": trainer.global_step,
                   "lambda21": monitor.lambda21 if monitor else None,
                   "history": monitor.history if monitor else None,
-                  "plot": monitor.plot_path if monitor else None}
+                  "plot": monitor.plot_path if monitor else None,
+                  "pruned": pruning.pruned if pruning else None}
         torch.save(tables, os.path.join(out_dir, "tables.pt"))
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump(result, f)

@@ -223,3 +223,27 @@ def test_group_optimizers_runs_the_closure_once_and_steps_every_part():
     sd = opt.state_dict()
     assert set(sd) == {"tables", "dense"}
     opt.load_state_dict(sd)
+
+
+@pytest.mark.parametrize("plan,devices", [("tw", 2), ("rw", 2), ("tw", 1)])
+def test_magnitude_pruning_hits_the_target_per_table(plan, devices, tmp_path):
+    target = 0.3
+    res = run_job("tests.lightning.fit_job", tmp_path,
+                  {"epochs": 1, "target": None, "plan": plan, "devices": devices,
+                   "group": {"lr": 0.02, "lambda21": 0.0},
+                   "prune": {"target_feature_rate": target, "fine_tune_fraction": 0.2}})
+    first, last = res["pruned"]
+    assert first["step"] < last["step"] == res["global_step"]
+    for prune in (first, last):
+        for table, (seen, nz) in prune["counts"].items():
+            assert abs(nz - round(target * seen)) <= 1, (table, seen, nz)
+    print(f"{plan}/{devices} ranks: after first prune {first['counts']}, final {last['counts']}")
+
+
+def test_magnitude_pruning_refuses_bad_arguments():
+    from lightning_sgl import MagnitudePruning
+
+    with pytest.raises(ValueError, match=r"Invalid target_feature_rate: 0 \(valid range"):
+        MagnitudePruning(0)
+    with pytest.raises(ValueError, match=r"Invalid fine_tune_fraction: 1.0 \(valid range"):
+        MagnitudePruning(0.5, fine_tune_fraction=1.0)
