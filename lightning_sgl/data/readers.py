@@ -5,9 +5,11 @@
   features become categorical by ``floor(log2(x + 1))`` buckets (negatives and missing -> 0).
 - ``avazu``: Avazu ``train`` CSV with a header: ``id, click, hour, C1, banner_pos, ...``; label
   ``click``; ``hour`` (YYMMDDHH) becomes hour-of-day and weekday fields; ``id`` is dropped.
-- ``movielens``: MovieLens-100K folder (``u.data``: user, item, rating, time; optional
-  ``u.user`` and ``u.item``) as CTR: label = rating >= 4; fields user, item (+ age bucket, gender,
-  occupation, first genre when the side files exist).
+- ``movielens``: MovieLens-100K folder, GroupLens layout (``u.data``: user, item, rating, time;
+  optional ``u.user`` and ``u.item``) or RecBole's atomic files (``ml-100k.inter``, ``.user``,
+  ``.item``, as shipped in the RecBole 1.2.1 wheel under ``recbole/dataset_example/ml-100k``),
+  as CTR: label = rating >= 4; fields user, item (+ age bucket, gender, occupation, first genre
+  when the side files exist).
 
 Categorical values are mapped to contiguous ids per field in order of appearance; values seen
 fewer than ``min_count`` times share id 0. The result has no planted ground truth
@@ -104,7 +106,43 @@ def read_avazu(path: str, max_rows: int | None = None, min_count: int = 1) -> Sy
     return _container(ids, labels, sizes)
 
 
+def _read_atomic(path: str) -> list[dict[str, str]]:
+    """A RecBole atomic file (tab-separated, header ``name:type``)."""
+    with open(path, encoding="utf-8", errors="replace") as f:
+        header = [h.split(":")[0] for h in f.readline().rstrip("\n").split("\t")]
+        return [dict(zip(header, line.rstrip("\n").split("\t"))) for line in f]
+
+
+def _read_movielens_atomic(folder: str, max_rows: int | None, min_count: int) -> SyntheticCTR:
+    """MovieLens-100K in RecBole's atomic format (``ml-100k.inter``, ``.user``, ``.item``)."""
+    base = next(os.path.join(folder, f)[: -len(".inter")] for f in sorted(os.listdir(folder))
+                if f.endswith(".inter"))
+    users = {r["user_id"]: [str(int(r["age"]) // 10), r["gender"], r["occupation"]]
+             for r in _read_atomic(base + ".user")} if os.path.exists(base + ".user") else {}
+    items = {r["item_id"]: (r.get("class", "").split(" ") or ["none"])[0]
+             for r in _read_atomic(base + ".item")} if os.path.exists(base + ".item") else {}
+    labels: list[float] = []
+    cols: list[list[str]] = [[], []] + ([[], [], []] if users else []) + ([[]] if items else [])
+    for i, r in enumerate(_read_atomic(base + ".inter")):
+        if max_rows is not None and i >= max_rows:
+            break
+        labels.append(1.0 if float(r["rating"]) >= 4 else 0.0)
+        cols[0].append(r["user_id"])
+        cols[1].append(r["item_id"])
+        k = 2
+        if users:
+            for j, v in enumerate(users.get(r["user_id"], ["?", "?", "?"])):
+                cols[k + j].append(v)
+            k += 3
+        if items:
+            cols[k].append(items.get(r["item_id"], "none"))
+    ids, sizes = _encode(cols, min_count)
+    return _container(ids, labels, sizes)
+
+
 def read_movielens(path: str, max_rows: int | None = None, min_count: int = 1) -> SyntheticCTR:
+    if os.path.isdir(path) and any(f.endswith(".inter") for f in os.listdir(path)):
+        return _read_movielens_atomic(path, max_rows, min_count)
     data = os.path.join(path, "u.data") if os.path.isdir(path) else path
     folder = os.path.dirname(data)
     users: dict[str, list[str]] = {}

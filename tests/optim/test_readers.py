@@ -47,3 +47,15 @@ def test_unknown_source_and_missing_path(tmp_path):
         readers.read("kdd", str(tmp_path))
     with pytest.raises(FileNotFoundError, match=r"Invalid path"):
         readers.read("criteo", str(tmp_path / "nope"))
+
+
+def test_movielens_recbole_atomic_files(tmp_path):
+    (tmp_path / "ml-100k.inter").write_text(
+        "user_id:token\titem_id:token\trating:float\ttimestamp:float\n"
+        "196\t242\t3\t881250949\n186\t302\t4\t891717742\n196\t302\t5\t1\n")
+    (tmp_path / "ml-100k.user").write_text(
+        "user_id:token\tage:token\tgender:token\toccupation:token\tzip_code:token\n"
+        "196\t49\tM\twriter\t55105\n186\t39\tF\texecutive\t00000\n")
+    d = readers.read("movielens", str(tmp_path))
+    assert d.labels.tolist() == [0.0, 1.0, 1.0]
+    assert d.ids.shape == (3, 5)
