@@ -13,30 +13,15 @@ import torch
 from lightning_sgl import GroupAdam
 from lightning_sgl.data import make_synthetic_ctr
 from lightning_sgl.metrics import log_loss, roc_auc
-from lightning_sgl.models import EmbeddingMLP
+from lightning_sgl.models import train_embedding_mlp
 
 
 def train(make_opt, data, epochs: int, batch: int, seed: int = 1):
-    train_set, test_set = data.split(0.8)
-    torch.manual_seed(seed)
-    model = EmbeddingMLP(data.vocab_sizes, dim=8)
-    opt = make_opt(model)
-    gen = torch.Generator().manual_seed(seed)
-    n = len(train_set.labels)
-    for epoch in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        total = 0.0
-        for i in range(0, n, batch):
-            b = perm[i:i + batch]
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                model(train_set.ids[b]), train_set.labels[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-            total += loss.item() * len(b)
-        print(f"  epoch {epoch + 1}: train loss {total / n:.4f}")
-    with torch.no_grad():
-        p = torch.sigmoid(model(test_set.ids))
+    model, logits, test_set = train_embedding_mlp(
+        make_opt, data, epochs, batch, seed,
+        on_epoch=lambda e, loss: print(f"  epoch {e + 1}: train loss {loss:.4f}"))
+    p = torch.sigmoid(logits)
+    train_set, _ = data.split(0.8)
     zero = (model.embedding.weight == 0).all(dim=1)
     seen = torch.unique(train_set.ids + model.offsets)
     informative = data.informative_global()

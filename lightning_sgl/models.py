@@ -7,7 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-__all__ = ["EmbeddingMLP"]
+__all__ = ["EmbeddingMLP", "train_embedding_mlp"]
 
 
 class EmbeddingMLP(nn.Module):
@@ -37,3 +37,34 @@ class EmbeddingMLP(nn.Module):
         """``ids``: ``[B, F]`` field-local ids -> logits ``[B]``."""
         emb = self.embedding(ids + self.offsets)  # [B, F, dim]
         return self.mlp(emb.flatten(1)).squeeze(-1)
+
+
+def train_embedding_mlp(make_optimizer, data, epochs: int = 2, batch: int = 256, seed: int = 1,
+                        dim: int = 8, on_epoch=None):
+    """Train an :class:`EmbeddingMLP` on ``data`` (a ``SyntheticCTR``-like set, head 80% for
+    training) with ``make_optimizer(model)``; returns ``(model, test logits, test set)``.
+
+    ``on_epoch(epoch, mean_train_loss)`` is called after each epoch (e.g. to print progress).
+    """
+    train_set, test_set = data.split(0.8)
+    torch.manual_seed(seed)
+    model = EmbeddingMLP(data.vocab_sizes, dim=dim)
+    opt = make_optimizer(model)
+    gen = torch.Generator().manual_seed(seed)
+    n = len(train_set.labels)
+    for epoch in range(epochs):
+        perm = torch.randperm(n, generator=gen)
+        total = 0.0
+        for i in range(0, n, batch):
+            b = perm[i:i + batch]
+            loss = nn.functional.binary_cross_entropy_with_logits(model(train_set.ids[b]),
+                                                                  train_set.labels[b])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+            total += loss.item() * len(b)
+        if on_epoch is not None:
+            on_epoch(epoch, total / n)
+    with torch.no_grad():
+        logits = model(test_set.ids)
+    return model, logits, test_set

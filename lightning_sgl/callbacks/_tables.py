@@ -153,3 +153,16 @@ def count_above(norms: dict[str, tuple[Tensor, int]], lam: dict[str, float]) -> 
     """Per table: number of local seen rows with norm > sqrt(d) * lambda21 (float64)."""
     return torch.tensor([float((v[0] > (v[1] ** 0.5) * lam[k]).sum()) for k, v in norms.items()],
                         dtype=torch.float64)
+
+
+def allreduce_cpu(t: Tensor, op=None) -> Tensor:
+    """All-reduce a small CPU tensor over the default group (via the device NCCL needs)."""
+    import torch.distributed as dist
+
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dev = (torch.device("cuda", torch.cuda.current_device())
+               if dist.get_backend() == "nccl" else torch.device("cpu"))
+        t = t.to(dev)
+        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
+        t = t.cpu()
+    return t

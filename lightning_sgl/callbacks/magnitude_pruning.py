@@ -24,20 +24,11 @@ import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
+from ._tables import allreduce_cpu as _allreduce
 from ._tables import tables_of
 from .sparsity_monitor import bisect_lambda21, feature_rates
 
 __all__ = ["MagnitudePruning"]
-
-
-def _allreduce(t: torch.Tensor, op=None) -> torch.Tensor:
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dev = (torch.device("cuda", torch.cuda.current_device())
-               if dist.get_backend() == "nccl" else torch.device("cpu"))
-        t = t.to(dev)
-        dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-        t = t.cpu()
-    return t
 
 
 class MagnitudePruning(Callback):

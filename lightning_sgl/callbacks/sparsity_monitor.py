@@ -27,7 +27,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..factory import GROUP_LASSO_MARK
-from ._tables import count_above, tables_of
+from ._tables import allreduce_cpu, count_above, tables_of
 
 __all__ = ["SparsityMonitor", "bisect_lambda21", "feature_rates"]
 
@@ -134,15 +134,6 @@ class SparsityMonitor(Callback):
             self.lambda21 = self._tables.lambda21()
 
     # ------------------------------------------------------------------ tuning
-    def _allreduce(self, t: torch.Tensor, op=None) -> torch.Tensor:
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dev = (torch.device("cuda", torch.cuda.current_device())
-                   if dist.get_backend() == "nccl" else torch.device("cpu"))
-            t = t.to(dev)
-            dist.all_reduce(t, op=op or dist.ReduceOp.SUM)
-            t = t.cpu()
-        return t
-
     def _tune(self) -> None:
         tables = self._tables
         counts = tables.counts()
@@ -150,7 +141,7 @@ class SparsityMonitor(Callback):
         names = list(norms)
         max_scaled = torch.tensor([float(v[0].max() / math.sqrt(v[1])) if v[0].numel() else 0.0
                                    for v in norms.values()], dtype=torch.float64)
-        max_scaled = self._allreduce(max_scaled, dist.ReduceOp.MAX)
+        max_scaled = allreduce_cpu(max_scaled, dist.ReduceOp.MAX)
         if isinstance(self.target, dict):
             new = dict(self.lambda21)
             for j, name in enumerate(names):
@@ -160,14 +151,14 @@ class SparsityMonitor(Callback):
                 sub = {name: norms[name]}
 
                 def count(lam, sub=sub, name=name):
-                    return float(self._allreduce(count_above(sub, {name: lam})).sum())
+                    return float(allreduce_cpu(count_above(sub, {name: lam})).sum())
 
                 new[name] = bisect_lambda21(count, goal, float(max_scaled[j]) * 1.0001 + 1e-12)
         else:
             goal = round(self.target * sum(s for s, _ in counts.values()))
 
             def count(lam):
-                return float(self._allreduce(count_above(norms, dict.fromkeys(names, lam))).sum())
+                return float(allreduce_cpu(count_above(norms, dict.fromkeys(names, lam))).sum())
 
             lam = bisect_lambda21(count, goal, float(max_scaled.max()) * 1.0001 + 1e-12)
             new = dict.fromkeys(names, lam)

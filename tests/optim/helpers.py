@@ -34,3 +34,11 @@ def batches(n_steps, batch=12, seed=1, vocab=(7, 5, 9), touch_all_first=False):
 def loss_fn(model, ids, y):
     return torch.nn.functional.binary_cross_entropy_with_logits(model(ids), y)
 
+
+
+def train_steps(model, opt, data):
+    """One optimizer step per ``(ids, y)`` batch."""
+    for ids, y in data:
+        opt.zero_grad()
+        loss_fn(model, ids, y).backward()
+        opt.step()

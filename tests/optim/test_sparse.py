@@ -16,16 +16,9 @@ import torch
 
 from lightning_sgl.optim import GroupAdagrad, GroupAdam, GroupAMSGrad
 
-from .helpers import TinyCTR, batches, loss_fn
+from .helpers import TinyCTR, batches, loss_fn, train_steps
 
 LAMBDAS = dict(lambda1=1e-3, lambda21=2e-2, lambda2=1e-3)
-
-
-def _run(model, opt, data):
-    for ids, y in data:
-        opt.zero_grad()
-        loss_fn(model, ids, y).backward()
-        opt.step()
 
 
 def _pair(cls, kwargs, data):
@@ -37,8 +30,8 @@ def _pair(cls, kwargs, data):
     for m, emb in ((dense, emb_d), (sparse, emb_s)):
         rest = [p for p in m.parameters() if p is not emb]
         opts.append(cls([{"params": [emb], **LAMBDAS}, {"params": rest}], **kwargs))
-    _run(dense, opts[0], data)
-    _run(sparse, opts[1], data)
+    train_steps(dense, opts[0], data)
+    train_steps(sparse, opts[1], data)
     assert emb_s.grad.is_sparse
     return dense, sparse, opts
 
@@ -78,11 +71,11 @@ def test_absent_rows_keep_weights_and_state():
     emb = model.net.embedding.weight
     opt = GroupAdam([{"params": [emb], **LAMBDAS}], lr=0.05)
     ids = torch.tensor([[0, 0, 0]])
-    _run(model, opt, [(ids, torch.ones(1, dtype=torch.float64))])
+    train_steps(model, opt, [(ids, torch.ones(1, dtype=torch.float64))])
     before_w = emb.detach().clone()
     before = {k: v.clone() for k, v in opt.state[emb].items()}
     ids2 = torch.tensor([[1, 1, 1]])  # rows 1, 8, 13 of the concatenated table
-    _run(model, opt, [(ids2, torch.zeros(1, dtype=torch.float64))])
+    train_steps(model, opt, [(ids2, torch.zeros(1, dtype=torch.float64))])
     touched = {1, 7 + 1, 12 + 1}
     for r in range(emb.shape[0]):
         same = torch.equal(emb[r], before_w[r])
@@ -110,7 +103,7 @@ def test_duplicate_ids_are_summed():
     y = torch.tensor([1.0, 0.0, 1.0], dtype=torch.float64)
     oa = GroupAdagrad([a.net.embedding.weight], lr=0.1, **LAMBDAS)
     ob = GroupAdagrad([b.net.embedding.weight], lr=0.1, **LAMBDAS)
-    _run(a, oa, [(ids, y)])
+    train_steps(a, oa, [(ids, y)])
     ob.zero_grad()
     loss_fn(b, ids, y).backward()
     b.net.embedding.weight.grad = b.net.embedding.weight.grad.coalesce()

@@ -7,28 +7,12 @@ import torch
 from lightning_sgl import GroupAdam
 from lightning_sgl.data import make_synthetic_ctr
 from lightning_sgl.metrics import roc_auc
-from lightning_sgl.models import EmbeddingMLP
+from lightning_sgl.models import train_embedding_mlp
 
 
-def _train(opt_factory, data, epochs=2, batch=256, seed=1):
-    train, test = data.split(0.8)
-    torch.manual_seed(seed)
-    model = EmbeddingMLP(data.vocab_sizes, dim=8)
-    opt = opt_factory(model)
-    gen = torch.Generator().manual_seed(seed)
-    n = len(train.labels)
-    for _ in range(epochs):
-        perm = torch.randperm(n, generator=gen)
-        for i in range(0, n, batch):
-            b = perm[i:i + batch]
-            loss = torch.nn.functional.binary_cross_entropy_with_logits(
-                model(train.ids[b]), train.labels[b])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-    with torch.no_grad():
-        auc = roc_auc(model(test.ids), test.labels)
-    return model, auc
+def _train(opt_factory, data):
+    model, logits, test = train_embedding_mlp(opt_factory, data, epochs=2, batch=256, seed=1)
+    return model, roc_auc(logits, test.labels)
 
 
 @pytest.fixture(scope="module")

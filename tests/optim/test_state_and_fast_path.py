@@ -7,17 +7,10 @@ import torch
 
 from lightning_sgl.optim import GroupAdagrad, GroupAdam, _functional
 
-from .helpers import TinyCTR, batches, loss_fn
+from .helpers import TinyCTR, batches, loss_fn, train_steps
 from .infos import FIRST_ORDER
 
 LAMBDAS = dict(lambda1=1e-3, lambda21=3e-2, lambda2=1e-3)
-
-
-def _train(model, opt, data):
-    for ids, y in data:
-        opt.zero_grad()
-        loss_fn(model, ids, y).backward()
-        opt.step()
 
 
 @pytest.mark.parametrize("info", FIRST_ORDER, ids=lambda i: i.name)
@@ -25,17 +18,17 @@ def test_state_dict_round_trip_resumes_exactly(info):
     data = batches(12)
     full = TinyCTR()
     opt_full = info.cls(full.parameters(), **info.kwargs, **LAMBDAS)
-    _train(full, opt_full, data)
+    train_steps(full, opt_full, data)
 
     part = TinyCTR()
     opt_part = info.cls(part.parameters(), **info.kwargs, **LAMBDAS)
-    _train(part, opt_part, data[:5])
+    train_steps(part, opt_part, data[:5])
     saved = copy.deepcopy((part.state_dict(), opt_part.state_dict()))
     resumed = TinyCTR(seed=99)
     resumed.load_state_dict(saved[0])
     opt_res = info.cls(resumed.parameters(), **info.kwargs, **LAMBDAS)
     opt_res.load_state_dict(saved[1])
-    _train(resumed, opt_res, data[5:])
+    train_steps(resumed, opt_res, data[5:])
     for p, q in zip(full.parameters(), resumed.parameters()):
         assert torch.equal(p, q)
 
@@ -45,10 +38,10 @@ def test_lambda21_changed_between_steps_takes_effect():
     emb = model.net.embedding.weight
     opt = GroupAdam([{"params": [emb], "lambda21": 0.0}], lr=0.05)
     data = batches(6)
-    _train(model, opt, data[:3])
+    train_steps(model, opt, data[:3])
     assert not (emb == 0).all(1).any()
     opt.param_groups[0]["lambda21"] = 10.0
-    _train(model, opt, data[3:4])
+    train_steps(model, opt, data[3:4])
     assert (emb == 0).all()  # every row touched or not: dense step applies the prox to all
 
 
@@ -96,7 +89,7 @@ def test_reapply_prox_is_identity_without_change_and_applies_new_lambda21(info):
     emb = model.net.embedding.weight
     rest = [p for p in model.parameters() if p is not emb]
     opt = info.cls([{"params": [emb], "lambda21": 0.0}, {"params": rest}], **info.kwargs)
-    _train(model, opt, batches(5))
+    train_steps(model, opt, batches(5))
     before = [p.detach().clone() for p in model.parameters()]
     opt.reapply_prox()
     for p, q in zip(model.parameters(), before):
