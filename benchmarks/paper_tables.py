@@ -33,9 +33,9 @@ def train_once(data_kw: dict, model_kw: dict, group: dict, callbacks: list, seed
     from lightning_sgl import GroupLasso
     from lightning_sgl.ctr import CTRDataModule, CTRModule
 
+    dm = CTRDataModule(kjt=False, seed=0, **data_kw)  # one data set; seeds vary init + order
     pl.seed_everything(seed, verbose=False)
-    dm = CTRDataModule(kjt=False, seed=0, **data_kw)
-    module = CTRModule(dm.vocab_sizes, model="mlp", sparse=True, **model_kw)
+    module = CTRModule(dm.vocab_sizes, model="mlp", sparse=True, seed=seed, **model_kw)
     opt = group.pop("optimizer")
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,

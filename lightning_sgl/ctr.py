@@ -142,10 +142,12 @@ class CTRModule(pl.LightningModule):
         lr: dense optimizer learning rate (the tables' optimizer comes from ``GroupLasso``).
         dense_optimizer: ``"adam"`` or ``"adagrad"`` for the dense part.
         sparse: sparse gradients for the ``mlp`` model's table.
+        seed: seed of the weight initialisation.
     """
 
     def __init__(self, vocab_sizes: list[int], model: str = "dlrm", dim: int = 8,
-                 lr: float = 1e-2, dense_optimizer: str = "adam", sparse: bool = True) -> None:
+                 lr: float = 1e-2, dense_optimizer: str = "adam", sparse: bool = True,
+                 seed: int = 0) -> None:
         super().__init__()
         valid = ("dlrm", "dcn", "mlp")
         if model not in valid:
@@ -154,7 +156,7 @@ class CTRModule(pl.LightningModule):
             raise ValueError(f"Invalid dense_optimizer: {dense_optimizer!r} (valid options: "
                              "'adam', 'adagrad')")
         self.save_hyperparameters()
-        torch.manual_seed(0)
+        torch.manual_seed(seed)
         if model == "dlrm":
             from torchrec_ext.models import DLRMLite
 
