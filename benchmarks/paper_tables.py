@@ -168,6 +168,8 @@ def figure1(results, args, names) -> None:
         ax.axhline(statistics.fmean(r["auc"] for r in ref), color="gray", ls=":",
                    label=f"{base}, no pruning")
         ax.set_xscale("log")
+        ax.set_xticks(args.rates, [f"{r:g}" for r in args.rates])
+        ax.minorticks_off()
         ax.set_xlabel("feature rate (non-zero / seen rows)")
         ax.set_ylabel("validation AUC")
         ax.set_title(f"{args.data}: AUC vs feature rate")
