@@ -169,8 +169,8 @@ class TorchRecStrategy(DDPStrategy):
         current = {"state_dict": self.lightning_module_state_dict(),
                    "optimizer_states": [self.optimizer_state(o) for o in self.optimizers]}
         _split(current, "", template)
-        wanted = {k: v for k, v in template.items()
-                  if f"{_PLACEHOLDER}{k}" in _placeholders(rest)}
+        saved = _placeholders(rest)
+        wanted = {k: v for k, v in template.items() if f"{_PLACEHOLDER}{k}" in saved}
         dcp.load(wanted, checkpoint_id=path)
         return _join(rest, wanted)
 
