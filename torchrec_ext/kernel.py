@@ -362,7 +362,7 @@ class GroupTBE(nn.Module):
                 seg_bag = pos[feature[sel]] * batch + bag[sel] % batch
             segs.append(dict(features=feats, sel=sel, rows=rows if sel is None else rows[sel],
                              bag=seg_bag, table=table if sel is None else table[sel]))
-        return dict(batch=batch, lengths=lengths, segments=segs, bag=bag)
+        return dict(batch=batch, lengths=lengths, segments=segs, bag=bag, offsets=offsets)
 
     def _static_index(self, device):
         """Feature->table map, table row counts and segment row bases as tensors (cached)."""
@@ -398,12 +398,12 @@ class GroupTBE(nn.Module):
                 w = w.to(self.weights.dtype)
             scale = self._bag_scale(plan, sp, w)
             table = self._seg_view(self.weights, seg)
-            vals = table.index_select(0, sp["rows"])
-            if scale is not None:
-                vals = vals * scale.unsqueeze(1)
-            pooled = torch.zeros(len(sp["features"]) * batch, seg.width, dtype=table.dtype,
-                                 device=table.device)
-            pooled.index_add_(0, sp["bag"], vals)
+            n_bags = len(sp["features"]) * batch
+            offsets = plan["offsets"] if sp["sel"] is None else torch.cat(
+                [sp["bag"].new_zeros(1), torch.bincount(sp["bag"], minlength=n_bags).cumsum(0)])
+            pooled = nn.functional.embedding_bag(
+                sp["rows"], table, offsets, mode="sum", per_sample_weights=scale,
+                include_last_offset=True)
             outs.append(pooled.view(len(sp["features"]), batch, seg.width))
         if self._single_segment:
             o = outs[0]
@@ -497,7 +497,9 @@ class GroupTBE(nn.Module):
             scale = self._bag_scale(plan, sp, w)
             if scale is not None:
                 g_index = g_index * scale.unsqueeze(1)
-            uniq, inv = torch.unique(sp["rows"], sorted=True, return_inverse=True)
+            # sorted unique rows line column shards up across ranks; otherwise order is free
+            cw = any(self.tables[i].column_sharded for i in seg.tables)
+            uniq, inv = torch.unique(sp["rows"], sorted=cw, return_inverse=True)
             g_rows = torch.zeros(len(uniq), seg.width, dtype=g_index.dtype, device=g_index.device)
             g_rows.index_add_(0, inv, g_index)
             uniq_tables = torch.zeros(len(uniq), dtype=torch.long, device=uniq.device)
