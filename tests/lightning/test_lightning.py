@@ -15,11 +15,21 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
+_TRANSIENT = ("Address already in use", "Connection refused", "Connection reset by peer")
+
+
 def run_job(module: str, out_dir, cfg: dict, timeout: int = 600) -> dict:
+    """Run a job script (it launches its own ranks). A run killed by a signal or failing to
+    connect its process group (a port taken between choosing and binding it) is retried once;
+    any other failure, assertion errors included, fails the test."""
     os.makedirs(out_dir, exist_ok=True)
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run([sys.executable, "-m", module, str(out_dir), json.dumps(cfg)],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    for attempt in range(2):
+        proc = subprocess.run([sys.executable, "-m", module, str(out_dir), json.dumps(cfg)],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+        transient = proc.returncode < 0 or any(t in proc.stderr for t in _TRANSIENT)
+        if proc.returncode == 0 or not transient or attempt == 1:
+            break
     if proc.returncode != 0:
         raise AssertionError(f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     path = os.path.join(out_dir, "result.json")
