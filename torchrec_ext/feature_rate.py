@@ -16,7 +16,7 @@ from .kernel import GroupTBE
 from .sharder import ShardedGroupEmbeddingBagCollection
 
 __all__ = ["group_modules", "feature_counts", "seen_row_norms", "all_group_kernels",
-           "seen_row_weight_norms", "prune_seen_rows"]
+           "seen_row_weight_norms", "prune_seen_rows", "plan_tables"]
 
 _COLUMN = ("column_wise", "table_column_wise")
 
@@ -71,7 +71,7 @@ def feature_counts(module: nn.Module, pg=None) -> dict[str, tuple[int, int]]:
             local = local.to(dev)
             dist.all_reduce(local, group=pg)
             local = local.cpu()
-        key = (lambda n, p=path: n) if len(mods) == 1 else (lambda n, p=path: f"{p}.{n}")
+        key = _keyed(mods, path)
         for j, name in enumerate(summed):
             result[key(name)] = (int(local[j, 0]), int(local[j, 1]))
         for name in (n for n in names if n not in summed):
@@ -90,39 +90,49 @@ def feature_counts(module: nn.Module, pg=None) -> dict[str, tuple[int, int]]:
     return result
 
 
+def _keyed(mods: list, path: str):
+    """Table key: the table name, prefixed by the EBC path when there are several EBCs."""
+    return (lambda n: n) if len(mods) == 1 else (lambda n: f"{path}.{n}")
+
+
+def plan_tables(module: nn.Module) -> dict[str, int]:
+    """Every model-parallel table of the sharded Group EBCs (same on all ranks): key -> dim."""
+    out: dict[str, int] = {}
+    mods = group_modules(module)
+    for path, sharded in mods:
+        key = _keyed(mods, path)
+        for cfg in sharded._embedding_bag_configs:
+            if sharded.module_sharding_plan[cfg.name].sharding_type != "data_parallel":
+                out[key(cfg.name)] = cfg.embedding_dim
+    return out
+
+
+def _per_table(module: nn.Module, local) -> dict[str, tuple[Tensor, int]]:
+    """``local(kernel) -> {table: tensor}`` concatenated over this rank's kernels, with every
+    table of the plan present (empty where it has no rows here) and its embedding dim."""
+    dims = plan_tables(module)
+    parts: dict[str, list] = {k: [] for k in dims}
+    mods = group_modules(module)
+    for path, sharded in mods:
+        key = _keyed(mods, path)
+        for k in sharded.group_kernels():
+            for name, t in local(k).items():
+                parts[key(name)].append(t)
+    return {k: (torch.cat(v) if v else torch.zeros(0), dims[k]) for k, v in parts.items()}
+
+
 @torch.no_grad()
 def seen_row_norms(module: nn.Module) -> dict[str, tuple[Tensor, int]]:
     """Local shrink norms of seen rows per table (each row reported by one rank) and the group
     width; see :meth:`GroupTBE.seen_row_norms`. Collective for column-sharded tables."""
-    out: dict[str, list] = {}
-    mods = group_modules(module)
-    for path, sharded in mods:
-        key = (lambda n, p=path: n) if len(mods) == 1 else (lambda n, p=path: f"{p}.{n}")
-        for cfg in sharded._embedding_bag_configs:  # every table, also those not on this rank
-            if sharded.module_sharding_plan[cfg.name].sharding_type != "data_parallel":
-                out[key(cfg.name)] = [[], cfg.embedding_dim]
-        for k in sharded.group_kernels():
-            for name, (norms, dim) in k.seen_row_norms().items():
-                key = name if len(mods) == 1 else f"{path}.{name}"
-                out.setdefault(key, [[], dim])[0].append(norms)
-    return {k: (torch.cat(v[0]) if v[0] else torch.zeros(0), v[1]) for k, v in out.items()}
+    return _per_table(module, lambda k: k.seen_row_norms())
 
 
 @torch.no_grad()
 def seen_row_weight_norms(module: nn.Module) -> dict[str, Tensor]:
     """Local full-row L2 norms of seen rows per table (each row reported by one rank; every
     table of the plan present, possibly empty). Collective for column-sharded tables."""
-    out: dict[str, list] = {}
-    mods = group_modules(module)
-    for path, sharded in mods:
-        key = (lambda n, p=path: n) if len(mods) == 1 else (lambda n, p=path: f"{p}.{n}")
-        for cfg in sharded._embedding_bag_configs:
-            if sharded.module_sharding_plan[cfg.name].sharding_type != "data_parallel":
-                out[key(cfg.name)] = []
-        for k in sharded.group_kernels():
-            for name, (_, norms) in k.seen_row_weight_norms().items():
-                out[key(name)].append(norms)
-    return {k: (torch.cat(v) if v else torch.zeros(0)) for k, v in out.items()}
+    return {k: v for k, (v, _) in _per_table(module, lambda k: k.seen_row_weight_norms()).items()}
 
 
 @torch.no_grad()

@@ -25,7 +25,6 @@ over that group, so the result equals the unsharded table's.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -110,6 +109,8 @@ class _Segment:
         self.rows = rows
         self.elem_start = elem_start  # element offset in the flat buffers
         self.row_start = row_start  # row offset in the flat row-wise buffers
+        #: names of the column-sharded tables in this segment, sorted (collective order)
+        self.column_tables: list[str] = []
 
 
 class GroupTBE(nn.Module):
@@ -196,6 +197,9 @@ class GroupTBE(nn.Module):
             elem += t.local_rows * t.local_cols
             row += t.local_rows
         self._check_column_shards()
+        for seg in self.segments:
+            seg.column_tables = sorted({self.tables[i].name for i in seg.tables
+                                        if self.tables[i].column_sharded})
 
         kw = dict(device=device, dtype=dtype)
         self.register_buffer("weights", torch.zeros(elem, **kw))
@@ -446,7 +450,7 @@ class GroupTBE(nn.Module):
 
     def _reduce_for(self, seg: _Segment, uniq_tables: Tensor):
         """``(group_size, reduce_sum)`` for a segment's unique rows (column shards)."""
-        cw = sorted({self.tables[i].name for i in seg.tables if self.tables[i].column_sharded})
+        cw = seg.column_tables
         if not cw:
             return None, None
         full = torch.tensor([float(self.tables[i].full_dim) if i in seg.row_base else 0.0
@@ -498,8 +502,8 @@ class GroupTBE(nn.Module):
             if scale is not None:
                 g_index = g_index * scale.unsqueeze(1)
             # sorted unique rows line column shards up across ranks; otherwise order is free
-            cw = any(self.tables[i].column_sharded for i in seg.tables)
-            uniq, inv = torch.unique(sp["rows"], sorted=cw, return_inverse=True)
+            uniq, inv = torch.unique(sp["rows"], sorted=bool(seg.column_tables),
+                                     return_inverse=True)
             g_rows = torch.zeros(len(uniq), seg.width, dtype=g_index.dtype, device=g_index.device)
             g_rows.index_add_(0, inv, g_index)
             uniq_tables = torch.zeros(len(uniq), dtype=torch.long, device=uniq.device)
@@ -584,10 +588,27 @@ class GroupTBE(nn.Module):
             x.index_copy_(0, rows, x_new)
             dual.index_copy_(0, rows, dual_new)
 
+    def _by_table(self, seg: _Segment, tables: Tensor, values: Tensor,
+                  out: dict[str, list]) -> None:
+        """Append each table's entries of ``values`` (one per seen row) to ``out[name]``; a
+        column-sharded table's rows only from its column-offset-0 shard (reported once)."""
+        for i in seg.tables:
+            if self.tables[i].col_offset == 0:
+                out.setdefault(self.tables[i].name, []).append(values[tables == i])
+
+    def _seen_weight_norms(self, seg: _Segment):
+        """``(rows, tables, full-row L2 norms)`` of a segment's seen rows (column shards
+        summed: collective for them)."""
+        rows, tables = self._seen_rows(seg)
+        _, reduce_sum = self._reduce_for(seg, tables)
+        x = self._seg_view(self.weights, seg).index_select(0, rows)
+        sq = (x * x).sum(dim=1, keepdim=True)
+        return rows, tables, torch.sqrt(reduce_sum(sq) if reduce_sum is not None else sq).view(-1)
+
     @torch.no_grad()
-    def seen_row_norms(self) -> dict[str, tuple[Tensor, int]]:
+    def seen_row_norms(self) -> dict[str, Tensor]:
         """Per table: the shrink norms of its seen rows (``group_norms``; a row is zero after
-        ``reapply_prox`` iff its norm <= sqrt(d) * lambda21) and the group width d. A
+        ``reapply_prox`` iff its norm <= sqrt(d) * lambda21, d the table's full width). A
         column-sharded table's rows are reported once, by its column-offset-0 shard. Collective
         for column-sharded tables."""
         hp = self.current_hyperparameters()
@@ -600,32 +621,18 @@ class GroupTBE(nn.Module):
             norms = group_norms(x.index_select(0, rows), dual.index_select(0, rows), states,
                                 rule=self.rule, step=step, hp=hp, exact=self.exact,
                                 reduce_sum=reduce_sum).view(-1)
-            for i in seg.tables:
-                t = self.tables[i]
-                if t.col_offset != 0:
-                    continue
-                out.setdefault(t.name, [[], t.full_dim])[0].append(norms[tables == i])
-        return {k: (torch.cat(v[0]), v[1]) for k, v in out.items()}
+            self._by_table(seg, tables, norms, out)
+        return {k: torch.cat(v) for k, v in out.items()}
 
     @torch.no_grad()
-    def seen_row_weight_norms(self) -> dict[str, tuple[Tensor, Tensor]]:
-        """Per table: ``(rows, L2 norms)`` of its seen rows (full rows: column shards are
-        summed), reported by the column-offset-0 shard only. Collective for column shards."""
+    def seen_row_weight_norms(self) -> dict[str, Tensor]:
+        """Per table: full-row L2 norms of its seen rows (column shards summed), reported by
+        the column-offset-0 shard only. Collective for column shards."""
         out: dict[str, list] = {}
         for seg in self.segments:
-            rows, tables = self._seen_rows(seg)
-            _, reduce_sum = self._reduce_for(seg, tables)
-            x = self._seg_view(self.weights, seg).index_select(0, rows)
-            sq = (x * x).sum(dim=1, keepdim=True)
-            norms = torch.sqrt(reduce_sum(sq) if reduce_sum is not None else sq).view(-1)
-            for i in seg.tables:
-                if self.tables[i].col_offset != 0:
-                    continue
-                m = tables == i
-                out.setdefault(self.tables[i].name, [[], []])
-                out[self.tables[i].name][0].append(rows[m] - seg.row_base[i])
-                out[self.tables[i].name][1].append(norms[m])
-        return {k: (torch.cat(v[0]), torch.cat(v[1])) for k, v in out.items()}
+            _, tables, norms = self._seen_weight_norms(seg)
+            self._by_table(seg, tables, norms, out)
+        return {k: torch.cat(v) for k, v in out.items()}
 
     @torch.no_grad()
     def prune_seen_rows(self, thresholds: dict[str, float]) -> None:
@@ -633,16 +640,10 @@ class GroupTBE(nn.Module):
         ``<= thresholds[t]`` (weights only: with lambdas 0 the stored dual is 0, so the row
         restarts from 0 if a later batch touches it). Collective for column shards."""
         for seg in self.segments:
-            rows, tables = self._seen_rows(seg)
-            _, reduce_sum = self._reduce_for(seg, tables)
-            w = self._seg_view(self.weights, seg)
-            x = w.index_select(0, rows)
-            sq = (x * x).sum(dim=1, keepdim=True)
-            norms = torch.sqrt(reduce_sum(sq) if reduce_sum is not None else sq).view(-1)
+            rows, tables, norms = self._seen_weight_norms(seg)
             thr = torch.tensor([float(thresholds.get(t.name, -1.0)) for t in self.tables],
                                dtype=norms.dtype, device=norms.device)[tables]
-            drop = rows[norms <= thr]
-            w.index_fill_(0, drop, 0.0)
+            self._seg_view(self.weights, seg).index_fill_(0, rows[norms <= thr], 0.0)
 
     def state_bytes_per_row(self) -> dict[str, float]:
         """Optimizer-state bytes per row (excluding the weights), and bookkeeping bytes."""
@@ -673,14 +674,3 @@ class _GroupLookup(torch.autograd.Function):
             w = w.detach().requires_grad_(True)
         grad_w = ctx.kernel._update(ctx.plan, grad_out.contiguous(), w)
         return None, None, None, grad_w
-
-
-def init_uniform_(kernel: GroupTBE, bounds: Sequence[tuple[float, float]]) -> None:
-    """Initialise each table uniformly in its ``(low, high)`` bound (TorchRec's default)."""
-    for w, (lo, hi) in zip(kernel.split_embedding_weights(), bounds):
-        w.uniform_(lo, hi)
-
-
-def default_bound(num_embeddings: int) -> tuple[float, float]:
-    b = math.sqrt(1.0 / num_embeddings)
-    return -b, b

@@ -26,16 +26,7 @@ class TorchRecTables:
         self._fr = feature_rate
         self.module = module
         self.kernels = feature_rate.all_group_kernels(module)
-        self.names = sorted(self._plan_tables())
-
-    def _plan_tables(self) -> list[str]:
-        names = []
-        mods = self._fr.group_modules(self.module)
-        for path, m in mods:
-            for n, ps in m.module_sharding_plan.items():
-                if ps.sharding_type != "data_parallel":
-                    names.append(n if len(mods) == 1 else f"{path}.{n}")
-        return names
+        self.names = sorted(feature_rate.plan_tables(module))
 
     def counts(self) -> dict[str, tuple[int, int]]:
         return self._fr.feature_counts(self.module)
@@ -93,15 +84,16 @@ class DenseTables:
             out[name] = (int(seen.sum()), int((seen & nz).sum()))
         return out
 
-    def norms(self) -> dict[str, tuple[Tensor, int]]:
+    @staticmethod
+    def _once(t: Tensor) -> Tensor:
+        """Plain tables are replicated by DDP: rank 0 reports their rows, the others none."""
         import torch.distributed as dist
 
-        rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        out = {}
-        for name, p in self.params.items():
-            n = self.opt.seen_row_norms(p)
-            out[name] = (n if rank0 else n[:0], p.shape[1])  # replicated: report once
-        return out
+        return t if not dist.is_initialized() or dist.get_rank() == 0 else t[:0]
+
+    def norms(self) -> dict[str, tuple[Tensor, int]]:
+        return {name: (self._once(self.opt.seen_row_norms(p)), p.shape[1])
+                for name, p in self.params.items()}
 
     def lambda21(self) -> dict[str, float]:
         return {n: float(self._group(p)["lambda21"]) for n, p in self.params.items()}
@@ -114,15 +106,8 @@ class DenseTables:
         self.opt.reapply_prox()
 
     def weight_norms(self) -> dict[str, Tensor]:
-        import torch.distributed as dist
-
-        rank0 = not dist.is_initialized() or dist.get_rank() == 0
-        out = {}
-        for name, p in self.params.items():
-            seen, _ = self.opt.row_flags(p)
-            n = p.detach()[seen].norm(dim=1)
-            out[name] = n if rank0 else n[:0]
-        return out
+        return {name: self._once(p.detach()[self.opt.row_flags(p)[0]].norm(dim=1))
+                for name, p in self.params.items()}
 
     @torch.no_grad()
     def prune(self, thresholds: dict[str, float]) -> None:
@@ -147,12 +132,6 @@ def tables_of(pl_module, optimizer=None):
         if dense.names:
             return dense
     return None
-
-
-def count_above(norms: dict[str, tuple[Tensor, int]], lam: dict[str, float]) -> Tensor:
-    """Per table: number of local seen rows with norm > sqrt(d) * lambda21 (float64)."""
-    return torch.tensor([float((v[0] > (v[1] ** 0.5) * lam[k]).sum()) for k, v in norms.items()],
-                        dtype=torch.float64)
 
 
 def allreduce_cpu(t: Tensor, op=None) -> Tensor:

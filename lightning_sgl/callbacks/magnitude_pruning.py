@@ -19,14 +19,11 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-import torch
-import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
-from ._tables import allreduce_cpu as _allreduce
 from ._tables import tables_of
-from .sparsity_monitor import bisect_lambda21, feature_rates
+from .sparsity_monitor import feature_rates, global_threshold
 
 __all__ = ["MagnitudePruning"]
 
@@ -75,15 +72,8 @@ class MagnitudePruning(Callback):
         thresholds = {}
         for name, local in norms.items():
             keep = round(self.target * counts[name][0])
-            top = float(_allreduce(torch.tensor([float(local.max()) if local.numel() else 0.0],
-                                                dtype=torch.float64), dist.ReduceOp.MAX))
-
-            def count(thr, local=local):
-                return float(_allreduce(torch.tensor([float((local > thr).sum())],
-                                                     dtype=torch.float64)))
-
-            thresholds[name] = 0.0 if keep >= counts[name][0] else bisect_lambda21(
-                count, keep, top * 1.0001 + 1e-30, lo=1e-30)
+            thresholds[name] = 0.0 if keep >= counts[name][0] else global_threshold(
+                {name: (local, 1.0)}, keep, lo=1e-30)
         self._tables.prune(thresholds)
         after = self._tables.counts()
         self.pruned.append({"step": step, "counts": after})

@@ -27,9 +27,9 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..factory import GROUP_LASSO_MARK
-from ._tables import allreduce_cpu, count_above, tables_of
+from ._tables import allreduce_cpu, tables_of
 
-__all__ = ["SparsityMonitor", "bisect_lambda21", "feature_rates"]
+__all__ = ["SparsityMonitor", "bisect_lambda21", "feature_rates", "global_threshold"]
 
 
 def feature_rates(counts: dict[str, tuple[int, int]]) -> tuple[float, dict[str, float]]:
@@ -53,6 +53,22 @@ def bisect_lambda21(count: Callable[[float], float], target: float, hi: float,
         else:
             lo = mid
     return hi
+
+
+def global_threshold(local: dict[str, tuple[torch.Tensor, float]], keep: int,
+                     lo: float = 1e-12) -> float:
+    """The smallest ``t`` (bisection) for which, over all ranks, at most ``keep`` values exceed
+    their table's ``scale * t``; ``local`` maps a table to ``(values on this rank, scale)``.
+    Collective: every rank calls it with the same tables in the same order."""
+    top = torch.tensor([max((float(v.max()) / sc for v, sc in local.values() if v.numel()),
+                            default=0.0)], dtype=torch.float64)
+    top = float(allreduce_cpu(top, dist.ReduceOp.MAX))
+
+    def count(t: float) -> float:
+        local_count = sum(float((v > sc * t).sum()) for v, sc in local.values())
+        return float(allreduce_cpu(torch.tensor([local_count], dtype=torch.float64)))
+
+    return bisect_lambda21(count, keep, top * 1.0001 + lo, lo=lo)
 
 
 class SparsityMonitor(Callback):
@@ -137,31 +153,16 @@ class SparsityMonitor(Callback):
     def _tune(self) -> None:
         tables = self._tables
         counts = tables.counts()
-        norms = tables.norms()
-        names = list(norms)
-        max_scaled = torch.tensor([float(v[0].max() / math.sqrt(v[1])) if v[0].numel() else 0.0
-                                   for v in norms.values()], dtype=torch.float64)
-        max_scaled = allreduce_cpu(max_scaled, dist.ReduceOp.MAX)
+        scaled = {k: (v, math.sqrt(d)) for k, (v, d) in tables.norms().items()}
         if isinstance(self.target, dict):
             new = dict(self.lambda21)
-            for j, name in enumerate(names):
-                if name not in self.target:
-                    continue
-                goal = round(self.target[name] * counts[name][0])
-                sub = {name: norms[name]}
-
-                def count(lam, sub=sub, name=name):
-                    return float(allreduce_cpu(count_above(sub, {name: lam})).sum())
-
-                new[name] = bisect_lambda21(count, goal, float(max_scaled[j]) * 1.0001 + 1e-12)
+            for name, (v, sc) in scaled.items():
+                if name in self.target:
+                    new[name] = global_threshold({name: (v, sc)},
+                                                 round(self.target[name] * counts[name][0]))
         else:
             goal = round(self.target * sum(s for s, _ in counts.values()))
-
-            def count(lam):
-                return float(allreduce_cpu(count_above(norms, dict.fromkeys(names, lam))).sum())
-
-            lam = bisect_lambda21(count, goal, float(max_scaled.max()) * 1.0001 + 1e-12)
-            new = dict.fromkeys(names, lam)
+            new = dict.fromkeys(scaled, global_threshold(scaled, goal))
         tables.set_lambda21(new)
         tables.reapply()
         self.lambda21 = tables.lambda21()

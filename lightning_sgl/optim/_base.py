@@ -109,8 +109,7 @@ class GroupOptimizer(Optimizer):
             raise ValueError(f"Invalid rowwise: True ({type(self).__name__} has no second moment)")
         self._validate_extra(group)
         if params is not None:
-            names = group.get("param_names") or [None] * len(params)
-            for p, n in zip(params, names):
+            for p, n in self._named(group):
                 resolve_group_by(p, group["group_by"], n)
 
     def add_param_group(self, param_group: dict) -> None:
@@ -123,6 +122,17 @@ class GroupOptimizer(Optimizer):
             raise
 
     # ------------------------------------------------------------------ helpers
+    @staticmethod
+    def _named(group: dict):
+        """``(param, name or None)`` pairs of a param group."""
+        return zip(group["params"], group.get("param_names") or [None] * len(group["params"]))
+
+    def _group_states(self, state: dict, group: dict, group_by: str) -> tuple[Tensor, ...]:
+        """The moment states in group-matrix layout (row-wise ones as ``[G, 1]`` views)."""
+        rule = get_rule(self.rule)
+        return tuple(rowwise_view(state[n]) if group["rowwise"] and n in rule.second_moment_names
+                     else to_groups(state[n], group_by) for n in rule.state_names)
+
     def _hp(self, group: dict, group_by: str) -> dict:
         hp = {k: v for k, v in group.items()
               if k not in ("params", "param_names", "initial_lr", *self._flags)}
@@ -152,8 +162,7 @@ class GroupOptimizer(Optimizer):
         work = []
         for group in self.param_groups:
             self._validate(group, params=None)
-            names = group.get("param_names") or [None] * len(group["params"])
-            for p, name in zip(group["params"], names):
+            for p, name in self._named(group):
                 if p.grad is None:
                     continue
                 gb = resolve_group_by(p, group["group_by"], name)
@@ -228,15 +237,14 @@ class GroupOptimizer(Optimizer):
         """1 byte per row: the row had a (non-zero) gradient at some step."""
         if "seen" not in state:
             state["seen"] = torch.zeros(p.shape[0], dtype=torch.uint8, device=p.device)
-        if grad.is_sparse:
-            state["seen"][grad.coalesce().indices()[0]] = 1
+        if grad.is_sparse:  # duplicate indices are harmless here: no need to coalesce
+            state["seen"][grad._indices()[0]] = 1
         else:
             state["seen"] |= grad.ne(0).any(dim=1).to(torch.uint8)
 
     def _param_info(self, p: Tensor):
         for group in self.param_groups:
-            names = group.get("param_names") or [None] * len(group["params"])
-            for q, name in zip(group["params"], names):
+            for q, name in self._named(group):
                 if q is p:
                     return group, resolve_group_by(p, group["group_by"], name)
         raise ValueError("Invalid parameter: not managed by this optimizer")
@@ -255,19 +263,15 @@ class GroupOptimizer(Optimizer):
     def seen_row_norms(self, p: Tensor) -> Tensor:
         """Shrink norms (see ``_functional.group_norms``) of the seen rows of ``p``."""
         group, gb = self._param_info(p)
-        rule = get_rule(self.rule)
         state = self.state.get(p)
         if not state or "seen" not in state:
             return torch.zeros(0, dtype=p.dtype, device=p.device)
         rows = state["seen"].nonzero().view(-1)
-        rw = group["rowwise"]
-        states = tuple((rowwise_view(state[n]) if rw and n in rule.second_moment_names
-                        else to_groups(state[n], gb)).index_select(0, rows)
-                       for n in rule.state_names)
+        states = tuple(t.index_select(0, rows) for t in self._group_states(state, group, gb))
         return group_norms(to_groups(p, gb).index_select(0, rows),
-                           to_groups(state["dual"], gb).index_select(0, rows), states, rule=rule,
-                           step=max(state["step"].item(), 1.0), hp=self._hp(group, gb),
-                           exact=group["exact_group_norm"]).view(-1)
+                           to_groups(state["dual"], gb).index_select(0, rows), states,
+                           rule=get_rule(self.rule), step=max(state["step"].item(), 1.0),
+                           hp=self._hp(group, gb), exact=group["exact_group_norm"]).view(-1)
 
     @torch.no_grad()
     def reapply_prox(self) -> None:
@@ -277,15 +281,12 @@ class GroupOptimizer(Optimizer):
         rule = get_rule(self.rule)
         for group in self.param_groups:
             self._validate(group, params=None)
-            names = group.get("param_names") or [None] * len(group["params"])
-            for p, name in zip(group["params"], names):
+            for p, name in self._named(group):
                 state = self.state.get(p)
                 if not state:
                     continue
                 gb = resolve_group_by(p, group["group_by"], name)
-                rw = group["rowwise"]
-                states = tuple(rowwise_view(state[n]) if rw and n in rule.second_moment_names
-                               else to_groups(state[n], gb) for n in rule.state_names)
+                states = self._group_states(state, group, gb)
                 x2d, dual2d = to_groups(p, gb), to_groups(state["dual"], gb)
                 kw = dict(rule=rule, step=max(state["step"].item(), 1.0), hp=self._hp(group, gb),
                           exact=group["exact_group_norm"])
