@@ -28,8 +28,8 @@ from ._dual import dual_carry, dual_to_z, dual_update
 from ._moments import MomentRule, get_rule
 from ._prox import group_norm, prox, soft_threshold
 
-__all__ = ["group_step", "reprox", "group_norms", "second_moment_input", "apply_dense_", "apply_rows_", "to_groups",
-           "from_groups"]
+__all__ = ["group_step", "reprox", "group_norms", "second_moment_input", "apply_dense_", "apply_rows_",
+           "accumulate_rows_", "to_groups", "from_groups"]
 
 
 def second_moment_input(g: Tensor, g2: Tensor | None, rowwise: bool, group_size=None,
@@ -175,16 +175,31 @@ def _rows(x_rows, g_rows, dual_rows, state_rows, step, hp, g2_rows, rule_name, r
                       reduce_sum=reduce_sum)
 
 
-def _rows_(x2d, idx, g_rows, dual2d, states2d, step, hp, g2_rows, rule_name, rowwise, exact):
+def _rows_(x2d, idx, g_rows, dual2d, states2d, step, hp, g2_rows, rule_name, rowwise, exact,
+           group_size=None, reduce_sum=None):
     """In place: gather rows ``idx``, Algorithm 1, scatter back (one fused loop when compiled)."""
     x_new, dual_new, new_states = group_step(
         x2d.index_select(0, idx), g_rows, dual2d.index_select(0, idx),
         tuple(s.index_select(0, idx) for s in states2d), rule=get_rule(rule_name), step=step,
-        hp=hp, g2=g2_rows, rowwise=rowwise, exact=exact)
+        hp=hp, g2=g2_rows, rowwise=rowwise, exact=exact, group_size=group_size,
+        reduce_sum=reduce_sum)
     x2d.index_copy_(0, idx, x_new)
     dual2d.index_copy_(0, idx, dual_new)
     for s, n in zip(states2d, new_states):
         s.index_copy_(0, idx, n)
+
+
+def _accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags, step, hp, rule_name, rowwise,
+                      exact, group_size=None, reduce_sum=None):
+    """In place, for the unique rows ``idx`` of a batch: sum the per-index gradients ``g_index``
+    into their rows (``inv``: position in ``idx`` of each index's row), Algorithm 1 on those rows,
+    write back, and set ``flags[idx] = 1``. One fused loop nest when compiled."""
+    g_rows = torch.zeros((idx.shape[0], g_index.shape[1]), dtype=g_index.dtype,
+                         device=g_index.device).index_add_(0, inv, g_index)
+    _rows_(x2d, idx, g_rows, dual2d, states2d, step, hp, None, rule_name, rowwise, exact,
+           group_size, reduce_sum)
+    if flags is not None:
+        flags.index_fill_(0, idx, 1)
 
 
 #: parameters smaller than this run eagerly even with ``compiled=True`` (a compile per shape
@@ -220,7 +235,7 @@ def _without_cpp_outer_loop_fusion():
                              lambda *args, **kwargs: False)
 
 
-def _run_compiled(fn, key, dynamic, eager_args, tensor_args):
+def _run_compiled(fn, eager_fn, key, dynamic, eager_args, tensor_args):
     """Run the compiled variant; on compiler failures retry without C++ outer-loop fusion, then
     warn once and use the eager path (compile errors surface before any write happens)."""
     last = None
@@ -238,19 +253,59 @@ def _run_compiled(fn, key, dynamic, eager_args, tensor_args):
         _WARNED.add(key)
         warnings.warn(f"lightning_sgl: torch.compile failed for {key[:6]} ({last!r:.200}); "
                       "using the eager path for it", RuntimeWarning, stacklevel=3)
-    return fn(*eager_args)
+    return eager_fn(*eager_args)
 
 
-def _tensor_hp(hp: dict, step, like: Tensor):
-    """Hyperparameters and step as 0-d tensors (compiled path: no recompiles on change)."""
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-
-    def conv(v):
+def _pack_hp(hp: dict, step, like: Tensor) -> tuple[tuple, Tensor]:
+    """Hyperparameters and step packed into one 1-D tensor (one host->device copy per step; the
+    compiled path then guards on one tensor instead of one per value, and changing a value does
+    not recompile). Returns ``(layout, packed)``; ``layout`` is static: ``(key, n)`` pairs, ``n``
+    the length of a tuple value (``betas``) or 0 for a scalar."""
+    layout, values = [], []
+    for k in sorted(hp):
+        v = hp[k]
         if isinstance(v, tuple):
-            return tuple(conv(e) for e in v)
-        return torch.as_tensor(v, dtype=dtype, device=like.device)
+            layout.append((k, len(v)))
+            values.extend(float(e) for e in v)
+        else:
+            layout.append((k, 0))
+            values.append(float(v))
+    values.append(float(step))
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return tuple(layout), torch.tensor(values, dtype=dtype, device=like.device)
 
-    return {k: conv(v) for k, v in hp.items()}, conv(float(step))
+
+def _unpack_hp(layout: tuple, packed: Tensor) -> tuple[dict, Tensor]:
+    """Inverse of :func:`_pack_hp`: ``(hp with 0-d tensor values, step)`` (traced when compiled)."""
+    hp, i = {}, 0
+    for k, n in layout:
+        if n:
+            hp[k] = tuple(packed[i + j] for j in range(n))
+            i += n
+        else:
+            hp[k] = packed[i]
+            i += 1
+    return hp, packed[i]
+
+
+def _dense_packed_(param, grad, dual, states, rowwise_flags, packed, layout, g2, rule_name,
+                   group_by, rowwise, exact):
+    hp, step = _unpack_hp(layout, packed)
+    _dense_(param, grad, dual, states, rowwise_flags, step, hp, g2, rule_name, group_by, rowwise,
+            exact)
+
+
+def _rows_packed_(x2d, idx, g_rows, dual2d, states2d, packed, layout, g2_rows, rule_name, rowwise,
+                  exact):
+    hp, step = _unpack_hp(layout, packed)
+    _rows_(x2d, idx, g_rows, dual2d, states2d, step, hp, g2_rows, rule_name, rowwise, exact)
+
+
+def _accumulate_rows_packed_(x2d, idx, inv, g_index, dual2d, states2d, flags, packed, layout,
+                             rule_name, rowwise, exact):
+    hp, step = _unpack_hp(layout, packed)
+    _accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags, step, hp, rule_name,
+                      rowwise, exact)
 
 
 def apply_dense_(param, grad, dual, states, rowwise_flags, *, step, hp, rule_name, group_by,
@@ -263,12 +318,12 @@ def apply_dense_(param, grad, dual, states, rowwise_flags, *, step, hp, rule_nam
             group_by, rowwise, exact)
     if not compiled or param.numel() < COMPILE_MIN_NUMEL:
         return _dense_(*args)
-    hp_t, step_t = _tensor_hp(hp, step, param)
+    layout, packed = _pack_hp(hp, step, param)
     key = ("dense", rule_name, group_by, rowwise, exact, g2 is not None, tuple(param.shape),
-           param.dtype, param.device, tuple(sorted(hp)))
-    t_args = (param, grad, dual, tuple(states), tuple(rowwise_flags), step_t, hp_t, g2,
+           param.dtype, param.device, layout)
+    t_args = (param, grad, dual, tuple(states), tuple(rowwise_flags), packed, layout, g2,
               rule_name, group_by, rowwise, exact)
-    return _run_compiled(_dense_, key, False, args, t_args)
+    return _run_compiled(_dense_packed_, _dense_, key, False, args, t_args)
 
 
 def apply_rows_(x2d, idx, g_rows, dual2d, states2d, *, step, hp, rule_name, rowwise=False,
@@ -284,14 +339,14 @@ def apply_rows_(x2d, idx, g_rows, dual2d, states2d, *, step, hp, rule_name, roww
     if compiled:
         if g_rows._base is not None and g_rows._base.is_sparse:  # values() of a sparse grad
             g_rows = g_rows.clone()
-        hp_t, step_t = _tensor_hp(hp, step, x2d)
+        layout, packed = _pack_hp(hp, step, x2d)
         key = ("rows", rule_name, rowwise, exact, g2_rows is not None, x2d.shape[1], x2d.dtype,
-               x2d.device, tuple(sorted(hp)))
+               x2d.device, layout)
         eager = (x2d, idx, g_rows, dual2d, tuple(states2d), step, hp, g2_rows, rule_name, rowwise,
                  exact)
-        tensors = (x2d, idx, g_rows, dual2d, tuple(states2d), step_t, hp_t, g2_rows, rule_name,
+        tensors = (x2d, idx, g_rows, dual2d, tuple(states2d), packed, layout, g2_rows, rule_name,
                    rowwise, exact)
-        return _run_compiled(_rows_, key, True, eager, tensors)
+        return _run_compiled(_rows_packed_, _rows_, key, True, eager, tensors)
     x_new, dual_new, new_states = _rows(
         x2d.index_select(0, idx), g_rows, dual2d.index_select(0, idx),
         tuple(s.index_select(0, idx) for s in states2d), step, hp, g2_rows, rule_name, rowwise,
@@ -300,3 +355,29 @@ def apply_rows_(x2d, idx, g_rows, dual2d, states2d, *, step, hp, rule_name, roww
     dual2d.index_copy_(0, idx, dual_new)
     for s, n in zip(states2d, new_states):
         s.index_copy_(0, idx, n)
+
+
+def accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags=None, *, step, hp, rule_name,
+                     rowwise=False, exact=False, compiled=False, group_size=None,
+                     reduce_sum=None):
+    """The fused-table update: per-index gradients in, rows updated in place (lazy semantics).
+
+    ``idx``: unique rows of the batch; ``inv``: for each of the ``n`` indices of the batch, the
+    position of its row in ``idx``; ``g_index``: ``[n, d]`` gradient of each index (already
+    scaled by per-sample weights / bag length). Rows not in ``idx`` are untouched. ``flags``
+    (``uint8`` per row, optional) is set to 1 for every updated row. The caller checks that the
+    gradients are finite (and their row sums cannot overflow) beforehand: nothing here does.
+    ``group_size``/``reduce_sum``: see :func:`group_step` (column shards; eager path only).
+    """
+    if group_size is not None or reduce_sum is not None:
+        compiled = False
+    eager = (x2d, idx, inv, g_index, dual2d, tuple(states2d), flags, step, hp, rule_name, rowwise,
+             exact, group_size, reduce_sum)
+    if not compiled:
+        return _accumulate_rows_(*eager)
+    layout, packed = _pack_hp(hp, step, x2d)
+    key = ("accumulate", rule_name, rowwise, exact, flags is not None, x2d.shape[1], x2d.dtype,
+           x2d.device, layout)
+    tensors = (x2d, idx, inv, g_index, dual2d, tuple(states2d), flags, packed, layout, rule_name,
+               rowwise, exact)
+    return _run_compiled(_accumulate_rows_packed_, _accumulate_rows_, key, True, eager, tensors)
