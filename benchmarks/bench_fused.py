@@ -4,7 +4,9 @@
 Group kernel's time divided by FBGEMM ``EXACT_ADAGRAD`` and ``EXACT_ROWWISE_ADAGRAD`` on the same
 tables and ids, and the optimizer-state bytes per row.
 
-    python benchmarks/bench_fused.py [--iters 200] [--threads 1] [--compiled]
+    python benchmarks/bench_fused.py [--iters 200] [--rounds 10] [--threads 1] [--compiled]
+
+The runs take turns in rounds (``--rounds``) so that machine noise affects all of them alike.
 """
 
 from __future__ import annotations
@@ -34,14 +36,28 @@ def batches(n, tables, rows, batch, seed=0):
     return out
 
 
-def time_module(fn, data, warmup):
+def step_times(fn, data):
     times = []
-    for i, (indices, offsets, target) in enumerate(data):
+    for indices, offsets, target in data:
         t0 = time.perf_counter()
         (fn(indices, offsets) * target).sum().backward()
-        if i >= warmup:
-            times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def time_all(runs: dict, data, warmup: int, rounds: int) -> dict:
+    """Median step time of each run. The timed steps are split into ``rounds`` chunks and the
+    runs take turns chunk by chunk, so that a slow spell of the machine hits all of them alike
+    (the ratios are what is reported)."""
+    for fn, _ in runs.values():
+        step_times(fn, data[:warmup])
+    timed = data[warmup:]
+    size = max(1, len(timed) // rounds)
+    times = {name: [] for name in runs}
+    for start in range(0, len(timed), size):
+        for name, (fn, _) in runs.items():
+            times[name] += step_times(fn, timed[start:start + size])
+    return {name: statistics.median(t) for name, t in times.items()}
 
 
 def main(argv=None):
@@ -52,6 +68,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--iters", type=int, default=200)
     ap.add_argument("--warmup", type=int, default=20)
+    ap.add_argument("--rounds", type=int, default=10, help="turns the runs take (see time_all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--compiled", action="store_true", help="also time compiled=True kernels")
     args = ap.parse_args(argv)
@@ -85,7 +102,7 @@ def main(argv=None):
         runs["GroupAdagrad(rowwise) compiled"] = group("adagrad", True, True)
         runs["GroupAdam compiled"] = group("adam", False, True)
         runs["GroupAdam(rowwise) compiled"] = group("adam", True, True)
-    times = {name: time_module(fn, data, args.warmup) for name, (fn, _) in runs.items()}
+    times = time_all(runs, data, args.warmup, args.rounds)
     base_e = times["FBGEMM EXACT_ADAGRAD"]
     base_r = times["FBGEMM EXACT_ROWWISE_ADAGRAD"]
     print(f"{args.tables} tables x {args.rows} rows x dim {args.dim}, batch {args.batch}, "

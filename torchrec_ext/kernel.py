@@ -25,6 +25,7 @@ over that group, so the result equals the unsharded table's.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
@@ -359,28 +360,24 @@ class GroupTBE(nn.Module):
         rows are ordered like the output ``[B, F * width]``, so the lookup is one gather into
         the output and the output gradient is the per-index gradient, without transposes."""
         st = self._bag_static(batch, indices.device)
-        n_bags = len(self.feature_table_map) * batch
-        if indices.numel() == n_bags and torch.equal(offsets, st["arange"]):
-            lengths = None
-            bag, table, limits, base = st["bags"], st["table"], st["limit"], st["base"]
-        else:
+        n_features = len(self.feature_table_map)
+        n_bags = n_features * batch
+        lengths = None
+        if not (indices.numel() == n_bags and torch.equal(offsets, st["arange"])):
             lengths = offsets[1:] - offsets[:-1]
-            bag = torch.repeat_interleave(st["bags"], lengths)
-            table, limits, base = st["table"][bag], st["limit"][bag], st["base"][bag]
-        bad = indices.lt(0).logical_or_(indices.ge(limits))
-        if bool(bad.any()):
-            k = int(bad.nonzero()[0, 0])
-            t = self.tables[int(table[k])]
-            raise ValueError(
-                f"ids out of range for table {t.name!r}: got id {int(indices[k])}, valid "
-                f"[0, {t.local_rows}) on this shard; remap or hash ids into the table's "
-                "num_embeddings before the lookup")
-        rows = indices + base
         batch_major = self._single_segment and lengths is None and unweighted
-        if batch_major:
-            n_features = len(self.feature_table_map)
-            rows = rows.view(n_features, batch).t().reshape(-1)
-            table = st["table_bm"]
+        if batch_major:  # [B, F] order, like the output
+            ids = indices.view(n_features, batch).t()
+            bag, table, limits, base = st["bags"], st["table_bm"], st["limit_bm"], st["base_bm"]
+        elif lengths is None:
+            ids, bag, table, limits, base = indices, st["bags"], st["table"], st["limit"], st["base"]
+        else:
+            ids, bag = indices, torch.repeat_interleave(st["bags"], lengths)
+            table, limits, base = st["table"][bag], st["limit"][bag], st["base"][bag]
+        # 0 <= id < limit  <=>  id | (limit - 1 - id) >= 0: one reduction for both bounds
+        if ids.numel() and int(torch.bitwise_or(limits - 1 - ids, ids).min()) < 0:
+            self._raise_out_of_range(ids.reshape(-1), limits.reshape(-1), table.reshape(-1))
+        rows = (base + ids).view(-1)
         if self._single_segment:
             segs = [dict(features=list(range(len(self.feature_table_map))), sel=None, rows=rows,
                          bag=bag, table=table, identity_bag=lengths is None,
@@ -395,6 +392,14 @@ class GroupTBE(nn.Module):
                 segs.append(dict(features=feats, sel=sel, rows=rows[sel], bag=seg_bag,
                                  table=table[sel], identity_bag=False, batch_major=False))
         return dict(batch=batch, lengths=lengths, segments=segs, bag=bag, offsets=offsets)
+
+    def _raise_out_of_range(self, ids: Tensor, limits: Tensor, table: Tensor) -> None:
+        k = int(((ids < 0) | (ids >= limits)).nonzero()[0, 0])
+        t = self.tables[int(table[k])]
+        raise ValueError(
+            f"ids out of range for table {t.name!r}: got id {int(ids[k])}, valid "
+            f"[0, {t.local_rows}) on this shard; remap or hash ids into the table's "
+            "num_embeddings before the lookup")
 
     def _bag_static(self, batch: int, device) -> dict:
         """Per-bag constants for a batch size (cached): bag ids, each bag's feature, table, row
@@ -423,6 +428,8 @@ class GroupTBE(nn.Module):
                 bags=torch.arange(n_features * batch, device=device), feature=feature,
                 table=table, limit=limits[table], base=base[table], segments=segments,
                 table_bm=table.view(n_features, batch).t().reshape(-1))
+            for k in ("limit", "base"):  # batch-major [B, F] copies
+                st[k + "_bm"] = st[k].view(n_features, batch).t().contiguous()
         return st
 
     def _bag_scale(self, plan, seg_plan, weights_sel):
@@ -441,8 +448,10 @@ class GroupTBE(nn.Module):
         batch = plan["batch"]
         if plan["segments"][0]["batch_major"]:  # one id per bag: the pooled value is the row
             rows = plan["segments"][0]["rows"]
-            return self._seg_view(self.weights, self.segments[0]).index_select(0, rows).view(
-                batch, -1)
+            table = self._seg_view(self.weights, self.segments[0])
+            # embedding_bag with one id per bag: a gather (FBGEMM's prefetching kernel on CPU)
+            return nn.functional.embedding_bag(rows, table, plan["offsets"], mode="sum",
+                                               include_last_offset=True).view(batch, -1)
         outs = []
         for seg, sp in zip(self.segments, plan["segments"]):
             w = None
@@ -557,11 +566,10 @@ class GroupTBE(nn.Module):
             # sorted unique rows line column shards up across ranks; otherwise order is free
             uniq, inv = unique_rows(sp["rows"], sorted=bool(seg.column_tables))
             work.append((seg, uniq, inv, g_index, sp["table"]))
-        # NaN/Inf: refuse (or drop the rows) before anything is written. If the l1 norm of all
-        # per-index gradients is finite, every entry and every row sum is finite.
-        norms = [torch.linalg.vector_norm(g, 1) for _, _, _, g, _ in work]
-        if norms and not bool(torch.isfinite(norms[0] if len(norms) == 1
-                                             else torch.stack(norms)).all()):
+        # NaN/Inf: refuse (or drop the rows) before anything is written. A finite sum of squares
+        # of all per-index gradients bounds every entry and every row sum: all finite.
+        if work and not math.isfinite(sum(float(torch.dot(g.reshape(-1), g.reshape(-1)))
+                                          for _, _, _, g, _ in work)):
             work = self._finite_rows(work)
         self.step += 1
         step = float(self.step.item())

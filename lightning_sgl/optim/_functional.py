@@ -25,7 +25,7 @@ import torch
 from torch import Tensor
 
 from ._dual import dual_carry, dual_to_z, dual_update
-from ._moments import MomentRule, get_rule
+from ._moments import MomentRule, get_rule, step_scalars
 from ._prox import group_norm, prox, soft_threshold
 
 __all__ = ["group_step", "reprox", "group_norms", "second_moment_input", "apply_dense_", "apply_rows_",
@@ -257,10 +257,10 @@ def _run_compiled(fn, eager_fn, key, dynamic, eager_args, tensor_args):
 
 
 def _pack_hp(hp: dict, step, like: Tensor) -> tuple[tuple, Tensor]:
-    """Hyperparameters and step packed into one 1-D tensor (one host->device copy per step; the
-    compiled path then guards on one tensor instead of one per value, and changing a value does
-    not recompile). Returns ``(layout, packed)``; ``layout`` is static: ``(key, n)`` pairs, ``n``
-    the length of a tuple value (``betas``) or 0 for a scalar."""
+    """Hyperparameters and the step's scalars (``step_scalars``: bias corrections etc., evaluated
+    here once instead of once per row inside the kernel) packed into one 1-D tensor: one
+    host->device copy per step, one tensor for the compiled code to guard on, and a changed value
+    does not recompile. Returns ``(layout, packed)``; ``layout`` is static."""
     layout, values = [], []
     for k in sorted(hp):
         v = hp[k]
@@ -270,22 +270,27 @@ def _pack_hp(hp: dict, step, like: Tensor) -> tuple[tuple, Tensor]:
         else:
             layout.append((k, 0))
             values.append(float(v))
-    values.append(float(step))
+    floats = {k: tuple(float(e) for e in v) if isinstance(v, tuple) else float(v)
+              for k, v in hp.items()}
+    scalars = step_scalars(float(step), floats)
+    values.extend(float(v) for v in scalars.values())
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return tuple(layout), torch.tensor(values, dtype=dtype, device=like.device)
+    return ((tuple(layout), tuple(scalars)),
+            torch.tensor(values, dtype=dtype, device=like.device))
 
 
-def _unpack_hp(layout: tuple, packed: Tensor) -> tuple[dict, Tensor]:
-    """Inverse of :func:`_pack_hp`: ``(hp with 0-d tensor values, step)`` (traced when compiled)."""
+def _unpack_hp(layout: tuple, packed: Tensor) -> tuple[dict, dict]:
+    """Inverse of :func:`_pack_hp`: ``(hp, step scalars)``, 0-d tensors (traced when compiled)."""
+    hp_layout, scalar_keys = layout
     hp, i = {}, 0
-    for k, n in layout:
+    for k, n in hp_layout:
         if n:
             hp[k] = tuple(packed[i + j] for j in range(n))
             i += n
         else:
             hp[k] = packed[i]
             i += 1
-    return hp, packed[i]
+    return hp, {k: packed[i + j] for j, k in enumerate(scalar_keys)}
 
 
 def _dense_packed_(param, grad, dual, states, rowwise_flags, packed, layout, g2, rule_name,
@@ -378,6 +383,8 @@ def accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags=None, *, st
     layout, packed = _pack_hp(hp, step, x2d)
     key = ("accumulate", rule_name, rowwise, exact, flags is not None, x2d.shape[1], x2d.dtype,
            x2d.device, layout)
+    for t in (x2d, g_index, dual2d, *states2d):  # row counts vary, the width does not
+        torch._dynamo.mark_static(t, 1)
     tensors = (x2d, idx, inv, g_index, dual2d, tuple(states2d), flags, packed, layout, rule_name,
                rowwise, exact)
     return _run_compiled(_accumulate_rows_packed_, _accumulate_rows_, key, True, eager, tensors)

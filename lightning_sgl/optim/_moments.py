@@ -38,7 +38,7 @@ from dataclasses import dataclass
 
 import torch
 
-__all__ = ["MomentRule", "RULES", "get_rule"]
+__all__ = ["MomentRule", "RULES", "get_rule", "step_scalars"]
 
 
 @dataclass(frozen=True)
@@ -62,6 +62,52 @@ def _const_like(value, like):
     return value + torch.zeros_like(like[:, :1])
 
 
+# --- step-dependent scalars. ``step`` is the step t (number or 0-d tensor) or the dict made by
+# --- ``step_scalars`` (the compiled paths evaluate these once per step on the host instead of
+# --- once per row inside the kernel); the formulas live only here.
+
+
+def bias_correction(step, hp, i: int):
+    """``1 - beta_i^t`` (``i`` = 1 or 2)."""
+    if isinstance(step, dict):
+        return step[f"bias_correction{i}"]
+    return 1.0 - hp["betas"][i - 1] ** step
+
+
+def bias_correction2_sqrt(step, hp):
+    """``sqrt(1 - beta_2^t)``."""
+    if isinstance(step, dict):
+        return step["bias_correction2_sqrt"]
+    return bias_correction(step, hp, 2) ** 0.5
+
+
+def decayed_lr(step, hp):
+    """Adagrad's ``lr / (1 + (t - 1) * lr_decay)``."""
+    if isinstance(step, dict):
+        return step["clr"]
+    return hp["lr"] / (1.0 + (step - 1.0) * hp["lr_decay"])
+
+
+def sqrt_step(step):
+    """``sqrt(t)``."""
+    if isinstance(step, dict):
+        return step["sqrt_t"]
+    return step**0.5
+
+
+def step_scalars(step: float, hp: dict) -> dict:
+    """Every step-dependent scalar a rule may need, from ``t`` and the hyperparameters; pass the
+    result as ``step`` to ``update``/``sigma`` (same values as passing ``t`` itself)."""
+    out = {"t": step, "sqrt_t": sqrt_step(step)}
+    if "betas" in hp:
+        out["bias_correction1"] = bias_correction(step, hp, 1)
+        out["bias_correction2"] = bias_correction(step, hp, 2)
+        out["bias_correction2_sqrt"] = bias_correction2_sqrt(step, hp)
+    if "lr_decay" in hp:
+        out["clr"] = decayed_lr(step, hp)
+    return out
+
+
 # --- each rule: update(g, g2, states, step, hp) -> (m_t, new_states);
 # ---            sigma(states, step, hp, like) -> sqrt(V_t)/alpha_t from the (updated) states
 
@@ -71,7 +117,7 @@ def _sgd_update(g, g2, states, step, hp):
 
 
 def _sgd_sigma(states, step, hp, like):
-    return _const_like(step**0.5 / hp["lr"], like)
+    return _const_like(sqrt_step(step) / hp["lr"], like)
 
 
 def _momentum_update(g, g2, states, step, hp):
@@ -91,8 +137,7 @@ def _adagrad_update(g, g2, states, step, hp):
 
 def _adagrad_sigma(states, step, hp, like):
     (acc,) = states
-    clr = hp["lr"] / (1.0 + (step - 1.0) * hp["lr_decay"])
-    return (torch.sqrt(acc) + hp["eps"]) / clr
+    return (torch.sqrt(acc) + hp["eps"]) / decayed_lr(step, hp)
 
 
 def _adam_update(g, g2, states, step, hp):
@@ -100,12 +145,11 @@ def _adam_update(g, g2, states, step, hp):
     exp_avg, exp_avg_sq = states[:2]
     exp_avg = beta1 * exp_avg + (1.0 - beta1) * g
     exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * g2
-    return exp_avg / (1.0 - beta1**step), (exp_avg, exp_avg_sq)
+    return exp_avg / bias_correction(step, hp, 1), (exp_avg, exp_avg_sq)
 
 
 def _adam_sigma(states, step, hp, like):
-    bc2_sqrt = (1.0 - hp["betas"][1] ** step) ** 0.5
-    return (torch.sqrt(states[1]) / bc2_sqrt + hp["eps"]) / hp["lr"]
+    return (torch.sqrt(states[1]) / bias_correction2_sqrt(step, hp) + hp["eps"]) / hp["lr"]
 
 
 def _amsgrad_update(g, g2, states, step, hp):
@@ -114,14 +158,12 @@ def _amsgrad_update(g, g2, states, step, hp):
 
 
 def _amsgrad_sigma(states, step, hp, like):
-    bc2_sqrt = (1.0 - hp["betas"][1] ** step) ** 0.5
-    return (torch.sqrt(states[2]) / bc2_sqrt + hp["eps"]) / hp["lr"]
+    return (torch.sqrt(states[2]) / bias_correction2_sqrt(step, hp) + hp["eps"]) / hp["lr"]
 
 
 def _adahessian_sigma(states, step, hp, like):
     # states[1] accumulates D_t^2, the squared Hutchinson estimate of diag(H_t)
-    bc2 = 1.0 - hp["betas"][1] ** step
-    return ((states[1] / bc2) ** (hp["hessian_power"] / 2.0) + hp["eps"]) / hp["lr"]
+    return ((states[1] / bias_correction(step, hp, 2)) ** (hp["hessian_power"] / 2.0) + hp["eps"]) / hp["lr"]
 
 
 RULES: dict[str, MomentRule] = {
