@@ -115,6 +115,19 @@ class _Segment:
         self.column_tables: list[str] = []
 
 
+def _fbgemm_forward_op():
+    """FBGEMM's CPU TBE forward (pooled lookup), if this FBGEMM build registers it."""
+    try:
+        import fbgemm_gpu  # noqa: F401  (registers the fbgemm ops)
+
+        return torch.ops.fbgemm.split_embedding_codegen_forward_cpu
+    except (ImportError, AttributeError, RuntimeError):  # pragma: no cover
+        return None
+
+
+_FBGEMM_FORWARD = _fbgemm_forward_op()
+
+
 def unique_rows(rows: Tensor, sorted: bool = False) -> tuple[Tensor, Tensor]:
     """``(unique rows, inverse)`` of a batch's row ids. On CPU through NumPy's quicksort-based
     ``unique`` (2-3x faster than ``torch.unique`` for a few thousand ids; the result is sorted
@@ -248,6 +261,20 @@ class GroupTBE(nn.Module):
         if rowwise:
             return buf[seg.row_start: seg.row_start + seg.rows].view(seg.rows, 1)
         return buf[seg.elem_start: seg.elem_start + seg.rows * seg.width].view(seg.rows, seg.width)
+
+    def _update_views(self, seg: _Segment) -> tuple[Tensor, ...]:
+        """``(weights, dual, seen, *states)`` views of a segment, cached across steps (rebuilt
+        when a buffer was replaced, e.g. by ``.to()``)."""
+        bufs = (self.weights, self.dual, self.seen, *(getattr(self, n) for n in self.state_names))
+        cache = self.__dict__.setdefault("_view_cache", {})
+        views = cache.get(id(seg))
+        if views is None or any(v._base is not b for v, b in zip(views, bufs)):
+            views = cache[id(seg)] = (
+                self._seg_view(self.weights, seg), self._seg_view(self.dual, seg),
+                self._seg_view(self.seen, seg, rowwise=True).view(-1),
+                *(self._seg_view(getattr(self, n), seg, self._is_rowwise(n))
+                  for n in self.state_names))
+        return views
 
     def _table_view(self, buf: Tensor, i: int, rowwise: bool = False) -> Tensor:
         t = self.tables[i]
@@ -391,7 +418,8 @@ class GroupTBE(nn.Module):
                 seg_bag = pos[feature[sel]] * batch + bag[sel] % batch
                 segs.append(dict(features=feats, sel=sel, rows=rows[sel], bag=seg_bag,
                                  table=table[sel], identity_bag=False, batch_major=False))
-        return dict(batch=batch, lengths=lengths, segments=segs, bag=bag, offsets=offsets)
+        return dict(batch=batch, lengths=lengths, segments=segs, bag=bag, offsets=offsets,
+                    indices=indices)
 
     def _raise_out_of_range(self, ids: Tensor, limits: Tensor, table: Tensor) -> None:
         k = int(((ids < 0) | (ids >= limits)).nonzero()[0, 0])
@@ -444,8 +472,41 @@ class GroupTBE(nn.Module):
             scale = inv if scale is None else scale * inv
         return scale
 
+    def _fbgemm_forward(self, plan: dict, per_sample_weights: Tensor | None) -> Tensor | None:
+        """FBGEMM's CPU TBE forward on our flat weights (same layout: table ``t`` at element
+        offset ``weights_offsets[t]``, rows of width ``local_cols``), or ``None`` where it does
+        not apply (not CPU float32, MEAN with per-sample weights, op missing). Ids are already
+        range-checked by the plan."""
+        if (self.weights.device.type != "cpu" or self.weights.dtype != torch.float32
+                or (per_sample_weights is not None and self.pooling == "mean")
+                or _FBGEMM_FORWARD is None):
+            return None
+        st = self.__dict__.get("_fbgemm_static")
+        if st is None:
+            ftm = self.feature_table_map
+            dims = [self.tables[t].local_cols for t in ftm]
+            rows = [self.tables[t].local_rows for t in ftm]
+            d_off = [0]
+            for d in dims:
+                d_off.append(d_off[-1] + d)
+            hash_cumsum = [0]  # only its per-feature differences (= table rows) are read
+            for r in rows:
+                hash_cumsum.append(hash_cumsum[-1] + max(r, 1))
+            st = self.__dict__["_fbgemm_static"] = (
+                torch.tensor([self.weights_offsets[t] for t in ftm], dtype=torch.int64),
+                torch.tensor(d_off, dtype=torch.int32), d_off[-1],
+                torch.tensor(hash_cumsum, dtype=torch.int64))
+        w_off, d_off, total_d, hash_cumsum = st
+        w = (None if per_sample_weights is None  # None: undefined tensor = unweighted
+             else per_sample_weights.detach().to(torch.float32).contiguous())
+        return _FBGEMM_FORWARD(self.weights, w_off, d_off, total_d, hash_cumsum, plan["indices"],
+                               plan["offsets"], 1 if self.pooling == "mean" else 0, w, 0)
+
     def _pool(self, plan: dict, per_sample_weights: Tensor | None) -> Tensor:
         batch = plan["batch"]
+        out = self._fbgemm_forward(plan, per_sample_weights)
+        if out is not None:
+            return out
         if plan["segments"][0]["batch_major"]:  # one id per bag: the pooled value is the row
             rows = plan["segments"][0]["rows"]
             table = self._seg_view(self.weights, self.segments[0])
@@ -578,15 +639,12 @@ class GroupTBE(nn.Module):
             if seg.column_tables or self.table_lambda21:
                 row_tables = self._row_tables(len(uniq), inv, index_tables)
             group_size, reduce_sum = self._reduce_for(seg, row_tables)
-            states = tuple(self._seg_view(getattr(self, n), seg, self._is_rowwise(n))
-                           for n in self.state_names)
+            x, dual, seen, *states = self._update_views(seg)
             seg_hp = self._segment_hp(hp, seg, row_tables)
-            accumulate_rows_(self._seg_view(self.weights, seg), uniq, inv, g_index,
-                             self._seg_view(self.dual, seg), states,
-                             self._seg_view(self.seen, seg, rowwise=True).view(-1), step=step,
-                             hp=seg_hp, rule_name=self.optimizer, rowwise=self.rowwise,
-                             exact=self.exact, compiled=self.compiled and seg_hp is hp,
-                             group_size=group_size, reduce_sum=reduce_sum)
+            accumulate_rows_(x, uniq, inv, g_index, dual, states, seen, step=step, hp=seg_hp,
+                             rule_name=self.optimizer, rowwise=self.rowwise, exact=self.exact,
+                             compiled=self.compiled and seg_hp is hp, group_size=group_size,
+                             reduce_sum=reduce_sum)
         return grad_w
 
     @staticmethod
