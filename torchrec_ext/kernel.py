@@ -5,14 +5,22 @@ all tables of a kernel with per-table offsets, flat optimizer state with the sam
 (element-wise state) or one float per row (row-wise state), and a forward that takes the
 TBE-style ``(indices, offsets, per_sample_weights)``.
 
-The update happens inside backward and touches only the rows present in the batch:
+The forward (pooled lookup) runs FBGEMM's own CPU TBE forward on the flat weights (same layout)
+for float32 CPU tables, ``embedding_bag`` elsewhere. The update happens inside backward and
+touches only the rows present in the batch:
 
     grad_output -> per-bag gradient -> per-index gradient (x per-sample weight, / bag length for
-    MEAN) -> summed per unique row -> ``group_step`` (the same function the ``torch.optim``
-    classes call) -> rows written back in place
+    MEAN) -> unique rows -> :func:`~lightning_sgl.optim._functional.accumulate_rows_`: summed
+    per row, ``group_step`` (the same function the ``torch.optim`` classes call), rows and their
+    ``seen`` flags written back in place -- one ``torch.compile``'d loop nest with
+    ``compiled=True``
 
 No weight gradient is ever materialised. The math is :func:`lightning_sgl.optim._functional.group_step`;
 nothing here re-implements it.
+
+One id per bag without per-sample weights (the common CTR case) takes a *batch-major* plan: the
+rows are ordered like the output ``[B, F * width]``, so the output gradient is the per-index
+gradient as it is (no transposes, no per-index gather).
 
 Storage order groups tables by their local width, so that every run of equal-width tables (a
 *segment*) is one ``[rows, width]`` matrix: one vectorised update per segment and step.
@@ -375,10 +383,13 @@ class GroupTBE(nn.Module):
             raise ValueError(f"offsets has {offsets.numel()} entries; expected F*B+1 with "
                              f"F={n_features} features")
         batch = (offsets.numel() - 1) // n_features
-        plan = self._plan(indices.long(), offsets.long(), batch, per_sample_weights is None)
+        # FBGEMM's forward checks the ids itself (then ours runs only to word the error)
+        plan = self._plan(indices.long(), offsets.long(), batch, per_sample_weights is None,
+                          check_ids=not self._fbgemm_forward_applies(per_sample_weights))
         return _GroupLookup.apply(self._dummy, self, plan, per_sample_weights)
 
-    def _plan(self, indices: Tensor, offsets: Tensor, batch: int, unweighted: bool = False) -> dict:
+    def _plan(self, indices: Tensor, offsets: Tensor, batch: int, unweighted: bool = False,
+              check_ids: bool = True) -> dict:
         """Per segment: rows (segment-local), bag ids, tables; ids validated.
 
         ``lengths`` is ``None`` when every bag holds exactly one id (the common CTR case): then
@@ -401,9 +412,8 @@ class GroupTBE(nn.Module):
         else:
             ids, bag = indices, torch.repeat_interleave(st["bags"], lengths)
             table, limits, base = st["table"][bag], st["limit"][bag], st["base"][bag]
-        # 0 <= id < limit  <=>  id | (limit - 1 - id) >= 0: one reduction for both bounds
-        if ids.numel() and int(torch.bitwise_or(limits - 1 - ids, ids).min()) < 0:
-            self._raise_out_of_range(ids.reshape(-1), limits.reshape(-1), table.reshape(-1))
+        if check_ids:
+            self._check_ids(ids, limits, table)
         rows = (base + ids).view(-1)
         if self._single_segment:
             segs = [dict(features=list(range(len(self.feature_table_map))), sel=None, rows=rows,
@@ -419,9 +429,14 @@ class GroupTBE(nn.Module):
                 segs.append(dict(features=feats, sel=sel, rows=rows[sel], bag=seg_bag,
                                  table=table[sel], identity_bag=False, batch_major=False))
         return dict(batch=batch, lengths=lengths, segments=segs, bag=bag, offsets=offsets,
-                    indices=indices)
+                    indices=indices, id_check=(ids, limits, table))
 
-    def _raise_out_of_range(self, ids: Tensor, limits: Tensor, table: Tensor) -> None:
+    def _check_ids(self, ids: Tensor, limits: Tensor, table: Tensor) -> None:
+        """Raise ``ValueError`` naming the table if an id is outside ``[0, limit)``."""
+        # 0 <= id < limit  <=>  id | (limit - 1 - id) >= 0: one reduction for both bounds
+        if not ids.numel() or int(torch.bitwise_or(limits - 1 - ids, ids).min()) >= 0:
+            return
+        ids, limits, table = ids.reshape(-1), limits.reshape(-1), table.reshape(-1)
         k = int(((ids < 0) | (ids >= limits)).nonzero()[0, 0])
         t = self.tables[int(table[k])]
         raise ValueError(
@@ -477,9 +492,7 @@ class GroupTBE(nn.Module):
         offset ``weights_offsets[t]``, rows of width ``local_cols``), or ``None`` where it does
         not apply (not CPU float32, MEAN with per-sample weights, op missing). Ids are already
         range-checked by the plan."""
-        if (self.weights.device.type != "cpu" or self.weights.dtype != torch.float32
-                or (per_sample_weights is not None and self.pooling == "mean")
-                or _FBGEMM_FORWARD is None):
+        if not self._fbgemm_forward_applies(per_sample_weights):
             return None
         st = self.__dict__.get("_fbgemm_static")
         if st is None:
@@ -499,8 +512,18 @@ class GroupTBE(nn.Module):
         w_off, d_off, total_d, hash_cumsum = st
         w = (None if per_sample_weights is None  # None: undefined tensor = unweighted
              else per_sample_weights.detach().to(torch.float32).contiguous())
-        return _FBGEMM_FORWARD(self.weights, w_off, d_off, total_d, hash_cumsum, plan["indices"],
-                               plan["offsets"], 1 if self.pooling == "mean" else 0, w, 0)
+        try:
+            return _FBGEMM_FORWARD(self.weights, w_off, d_off, total_d, hash_cumsum,
+                                   plan["indices"], plan["offsets"],
+                                   1 if self.pooling == "mean" else 0, w, 0)
+        except RuntimeError:
+            self._check_ids(*plan["id_check"])  # raises our error for an id out of range
+            raise
+
+    def _fbgemm_forward_applies(self, per_sample_weights: Tensor | None) -> bool:
+        return (_FBGEMM_FORWARD is not None and self.weights.device.type == "cpu"
+                and self.weights.dtype == torch.float32
+                and (per_sample_weights is None or self.pooling == "sum"))
 
     def _pool(self, plan: dict, per_sample_weights: Tensor | None) -> Tensor:
         batch = plan["batch"]
