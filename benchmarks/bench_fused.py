@@ -4,7 +4,11 @@
 Group kernel's time divided by FBGEMM ``EXACT_ADAGRAD`` and ``EXACT_ROWWISE_ADAGRAD`` on the same
 tables and ids, and the optimizer-state bytes per row.
 
-    python benchmarks/bench_fused.py [--iters 200] [--rounds 10] [--threads 1] [--compiled]
+    python benchmarks/bench_fused.py [--iters 200] [--rounds 10] [--threads 1] [--eager]
+
+The Group kernels run with their default ``compiled=None``, which compiles the update for tables
+this size (see ``torchrec_ext.kernel.COMPILE_MIN_WEIGHTS``); ``--eager`` adds the eager ground
+truth (``compiled=False``).
 
 The runs take turns in rounds (``--rounds``) so that machine noise affects all of them alike.
 """
@@ -70,7 +74,7 @@ def main(argv=None):
     ap.add_argument("--warmup", type=int, default=20)
     ap.add_argument("--rounds", type=int, default=10, help="turns the runs take (see time_all)")
     ap.add_argument("--threads", type=int, default=1)
-    ap.add_argument("--compiled", action="store_true", help="also time compiled=True kernels")
+    ap.add_argument("--eager", action="store_true", help="also time the eager (compiled=False) path")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
     data = batches(args.iters + args.warmup, args.tables, args.rows, args.batch)
@@ -82,7 +86,7 @@ def main(argv=None):
                                                   optimizer=optim, learning_rate=0.01, eps=1e-8)
         return lambda i, o: m(indices=i.int(), offsets=o.int()), m
 
-    def group(opt, rowwise, compiled=False):
+    def group(opt, rowwise, compiled=None):
         hp = dict(lr=0.01, eps=1e-8, lambda21=1e-4)
         m = GroupTBE([TableSpec(f"t{i}", args.rows, args.dim) for i in range(args.tables)],
                      list(range(args.tables)), optimizer=opt, hyperparameters=hp,
@@ -92,16 +96,13 @@ def main(argv=None):
         return m, m
 
     runs = {"FBGEMM EXACT_ADAGRAD": fbgemm(OptimType.EXACT_ADAGRAD),
-            "FBGEMM EXACT_ROWWISE_ADAGRAD": fbgemm(OptimType.EXACT_ROWWISE_ADAGRAD),
-            "GroupAdagrad": group("adagrad", False),
-            "GroupAdagrad(rowwise)": group("adagrad", True),
-            "GroupAdam": group("adam", False),
-            "GroupAdam(rowwise)": group("adam", True)}
-    if args.compiled:
-        runs["GroupAdagrad compiled"] = group("adagrad", False, True)
-        runs["GroupAdagrad(rowwise) compiled"] = group("adagrad", True, True)
-        runs["GroupAdam compiled"] = group("adam", False, True)
-        runs["GroupAdam(rowwise) compiled"] = group("adam", True, True)
+            "FBGEMM EXACT_ROWWISE_ADAGRAD": fbgemm(OptimType.EXACT_ROWWISE_ADAGRAD)}
+    for compiled in ((None, False) if args.eager else (None,)):
+        tag = " eager" if compiled is False else ""
+        runs[f"GroupAdagrad{tag}"] = group("adagrad", False, compiled)
+        runs[f"GroupAdagrad(rowwise){tag}"] = group("adagrad", True, compiled)
+        runs[f"GroupAdam{tag}"] = group("adam", False, compiled)
+        runs[f"GroupAdam(rowwise){tag}"] = group("adam", True, compiled)
     times = time_all(runs, data, args.warmup, args.rounds)
     base_e = times["FBGEMM EXACT_ADAGRAD"]
     base_r = times["FBGEMM EXACT_ROWWISE_ADAGRAD"]
@@ -121,6 +122,10 @@ def main(argv=None):
             book = 0
         print(f"| {name} | {t * 1e3:.3f} | {t / base_e:.2f} | {t / base_r:.2f} | {floats:g} | "
               f"{book} |")
+    auto = [m for name, (_, m) in runs.items() if isinstance(m, GroupTBE) and m.compiled is None]
+    if auto:
+        print(f"\nGroup kernels without a tag: compiled=None -> "
+              f"{'compiled' if auto[0]._compile_update() else 'eager'} update at this size")
 
 
 if __name__ == "__main__":

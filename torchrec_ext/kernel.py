@@ -56,7 +56,10 @@ from lightning_sgl.optim._validation import (
     check_unit_interval,
 )
 
-__all__ = ["TableSpec", "GroupTBE", "FUSED_RULES", "validate_hyperparameters"]
+__all__ = ["TableSpec", "GroupTBE", "FUSED_RULES", "COMPILE_MIN_WEIGHTS", "validate_hyperparameters"]
+
+#: ``compiled=None`` compiles the update of kernels with at least this many weights (4 MiB fp32)
+COMPILE_MIN_WEIGHTS = 1 << 20
 
 #: base optimizers that can run fused (AdaHessian needs a Hessian-vector product: keep dense)
 FUSED_RULES = ("sgd", "momentum", "adagrad", "adam", "amsgrad")
@@ -160,13 +163,15 @@ class GroupTBE(nn.Module):
         rowwise: one second moment per row (FBGEMM's row-wise layout).
         exact_group_norm: the exact minimiser of objective (6) instead of Algorithm 1's norm.
         nonfinite: ``"raise"`` (a NaN/Inf gradient raises, nothing is modified) or ``"skip"``.
-        compiled: run the update through ``torch.compile`` (eager is the ground truth).
+        compiled: run the update through ``torch.compile`` (eager is the ground truth). ``None``
+            (default): compile when the kernel holds at least :data:`COMPILE_MIN_WEIGHTS`
+            weights, where the one-off compile (seconds, at the first backward) pays.
     """
 
     def __init__(self, tables: Sequence[TableSpec], feature_table_map: Sequence[int],
                  pooling: str = "sum", optimizer: str = "adam", hyperparameters: dict | None = None,
                  rowwise: bool = False, exact_group_norm: bool = False, nonfinite: str = "raise",
-                 compiled: bool = False, device: torch.device | str | None = None,
+                 compiled: bool | None = None, device: torch.device | str | None = None,
                  dtype: torch.dtype = torch.float32):
         super().__init__()
         if optimizer not in FUSED_RULES:
@@ -197,6 +202,8 @@ class GroupTBE(nn.Module):
         self.rowwise = rowwise
         self.exact = exact_group_norm
         self.nonfinite = nonfinite
+        if compiled is not None:
+            check_bool("compiled", compiled)
         self.compiled = compiled
         self.tables = list(tables)
         self.feature_table_map = list(feature_table_map)
@@ -269,6 +276,11 @@ class GroupTBE(nn.Module):
         if rowwise:
             return buf[seg.row_start: seg.row_start + seg.rows].view(seg.rows, 1)
         return buf[seg.elem_start: seg.elem_start + seg.rows * seg.width].view(seg.rows, seg.width)
+
+    def _compile_update(self) -> bool:
+        if self.compiled is None:
+            return self.weights.numel() >= COMPILE_MIN_WEIGHTS
+        return self.compiled
 
     def _update_views(self, seg: _Segment) -> tuple[Tensor, ...]:
         """``(weights, dual, seen, *states)`` views of a segment, cached across steps (rebuilt
@@ -666,7 +678,8 @@ class GroupTBE(nn.Module):
             seg_hp = self._segment_hp(hp, seg, row_tables)
             accumulate_rows_(x, uniq, inv, g_index, dual, states, seen, step=step, hp=seg_hp,
                              rule_name=self.optimizer, rowwise=self.rowwise, exact=self.exact,
-                             compiled=self.compiled and seg_hp is hp, group_size=group_size,
+                             compiled=self._compile_update() and seg_hp is hp,
+                             group_size=group_size,
                              reduce_sum=reduce_sum)
         return grad_w
 

@@ -384,7 +384,8 @@ def accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags=None, *, st
     key = ("accumulate", rule_name, rowwise, exact, flags is not None, x2d.shape[1], x2d.dtype,
            x2d.device, layout)
     for t in (x2d, g_index, dual2d, *states2d):  # row counts vary, the width does not
-        torch._dynamo.mark_static(t, 1)
+        if 1 not in getattr(t, "_dynamo_static_indices", ()):
+            torch._dynamo.mark_static(t, 1)
     tensors = (x2d, idx, inv, g_index, dual2d, tuple(states2d), flags, packed, layout, rule_name,
                rowwise, exact)
     return _run_compiled(_accumulate_rows_packed_, _accumulate_rows_, key, True, eager, tensors)

@@ -288,3 +288,16 @@ def test_compiled_update_equals_eager(opt, rowwise):
         assert ((st_c["dual"] - st_e["dual"]).abs() / z.abs().clamp(min=1.0)).max() <= 1e-5
     assert sum(int((w == 0).all(1).sum()) for w in eager.split_embedding_weights()) > 0
     assert not [k for k in _functional._WARNED if k[0] == "accumulate"], "fell back to eager"
+
+
+def test_compiled_default_depends_on_size():
+    from torchrec_ext.kernel import COMPILE_MIN_WEIGHTS
+
+    small = GroupTBE(TABLES, FTM, optimizer="adagrad")
+    assert small.compiled is None and not small._compile_update()
+    big = GroupTBE([TableSpec("t", COMPILE_MIN_WEIGHTS // 16, 16)], [0], optimizer="adagrad")
+    assert big._compile_update()
+    assert not GroupTBE([TableSpec("t", COMPILE_MIN_WEIGHTS // 16, 16)], [0],
+                        optimizer="adagrad", compiled=False)._compile_update()
+    with pytest.raises(ValueError, match=r"Invalid compiled"):
+        GroupTBE(TABLES, FTM, optimizer="adagrad", compiled="yes")
