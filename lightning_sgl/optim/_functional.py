@@ -6,12 +6,15 @@ This module is the single place where the three pure pieces are chained. Every f
   (:func:`apply_dense_`);
 - sparse gradients and skipped non-finite rows, on the gathered rows only (:func:`apply_rows_`,
   lazy row semantics);
-- the fused TorchRec kernel (``torchrec_ext``), on the unique rows of a batch.
+- the fused TorchRec kernel (``torchrec_ext``), on the unique rows of a batch, summing the
+  per-index gradients of duplicated ids first (:func:`accumulate_rows_`).
 
 Two execution paths share the same Python code: the eager path (ground truth) and a
 ``torch.compile``'d path (``compiled=True``), which fuses the chain into one kernel per layout
-(C++ on CPU, Triton on CUDA). Hyperparameters and the step are passed to the compiled path as 0-d
-tensors so that changing them (schedulers, lambda21 tuning) does not recompile.
+(C++ on CPU, Triton on CUDA). The hyperparameters and the step's scalars (``step_scalars``: bias
+corrections, decayed lr, sqrt(t), evaluated once on the host) are passed to the compiled path as
+one tensor, so that changing them (schedulers, lambda21 tuning) does not recompile and the kernel
+evaluates no per-element ``pow``.
 """
 
 from __future__ import annotations
@@ -165,14 +168,6 @@ def _dense_(param, grad, dual, states, rowwise_flags, step, hp, g2, rule_name, g
     dual.copy_(from_groups(dual_new, group_by, shape))
     for s, n, rw in zip(states, new_states, rowwise_flags):
         s.copy_(n.squeeze(1) if rw else from_groups(n, group_by, shape))
-
-
-def _rows(x_rows, g_rows, dual_rows, state_rows, step, hp, g2_rows, rule_name, rowwise, exact,
-          group_size=None, reduce_sum=None):
-    """Pure: Algorithm 1 on gathered rows."""
-    return group_step(x_rows, g_rows, dual_rows, state_rows, rule=get_rule(rule_name), step=step,
-                      hp=hp, g2=g2_rows, rowwise=rowwise, exact=exact, group_size=group_size,
-                      reduce_sum=reduce_sum)
 
 
 def _rows_(x2d, idx, g_rows, dual2d, states2d, step, hp, g2_rows, rule_name, rowwise, exact,
@@ -352,14 +347,8 @@ def apply_rows_(x2d, idx, g_rows, dual2d, states2d, *, step, hp, rule_name, roww
         tensors = (x2d, idx, g_rows, dual2d, tuple(states2d), packed, layout, g2_rows, rule_name,
                    rowwise, exact)
         return _run_compiled(_rows_packed_, _rows_, key, True, eager, tensors)
-    x_new, dual_new, new_states = _rows(
-        x2d.index_select(0, idx), g_rows, dual2d.index_select(0, idx),
-        tuple(s.index_select(0, idx) for s in states2d), step, hp, g2_rows, rule_name, rowwise,
-        exact, group_size, reduce_sum)
-    x2d.index_copy_(0, idx, x_new)
-    dual2d.index_copy_(0, idx, dual_new)
-    for s, n in zip(states2d, new_states):
-        s.index_copy_(0, idx, n)
+    _rows_(x2d, idx, g_rows, dual2d, tuple(states2d), step, hp, g2_rows, rule_name, rowwise, exact,
+           group_size, reduce_sum)
 
 
 def accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags=None, *, step, hp, rule_name,
