@@ -396,8 +396,10 @@ class GroupTBE(nn.Module):
                              f"F={n_features} features")
         batch = (offsets.numel() - 1) // n_features
         # FBGEMM's forward checks the ids itself (then ours runs only to word the error)
+        fbgemm = self._fbgemm_forward_applies(per_sample_weights)
         plan = self._plan(indices.long(), offsets.long(), batch, per_sample_weights is None,
-                          check_ids=not self._fbgemm_forward_applies(per_sample_weights))
+                          check_ids=not fbgemm)
+        plan["fbgemm_forward"] = fbgemm
         return _GroupLookup.apply(self._dummy, self, plan, per_sample_weights)
 
     def _plan(self, indices: Tensor, offsets: Tensor, batch: int, unweighted: bool = False,
@@ -504,7 +506,7 @@ class GroupTBE(nn.Module):
         offset ``weights_offsets[t]``, rows of width ``local_cols``), or ``None`` where it does
         not apply (not CPU float32, MEAN with per-sample weights, op missing). Ids are already
         range-checked by the plan."""
-        if not self._fbgemm_forward_applies(per_sample_weights):
+        if not plan.get("fbgemm_forward", False):
             return None
         st = self.__dict__.get("_fbgemm_static")
         if st is None:

@@ -27,6 +27,7 @@ from unittest import mock
 import torch
 from torch import Tensor
 
+from . import _aot
 from ._dual import dual_carry, dual_to_z, dual_update
 from ._moments import MomentRule, get_rule, step_scalars
 from ._prox import group_norm, prox, soft_threshold
@@ -215,7 +216,8 @@ def _compiled_for(fn, key, dynamic: bool):
     if compiled is None:
         code = fn.__code__.replace(co_name=f"{fn.__name__}_{len(_COMPILED)}")
         clone = types.FunctionType(code, fn.__globals__, code.co_name, fn.__defaults__)
-        compiled = _COMPILED[key] = torch.compile(clone, dynamic=dynamic)
+        compiled = _COMPILED[key] = torch.compile(clone, dynamic=dynamic,
+                                                  options={"size_asserts": False})
     return compiled
 
 
@@ -372,6 +374,10 @@ def accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags=None, *, st
     layout, packed = _pack_hp(hp, step, x2d)
     key = ("accumulate", rule_name, rowwise, exact, flags is not None, x2d.shape[1], x2d.dtype,
            x2d.device, layout)
+    # CPU: the AOTInductor-compiled kernel (no per-call dynamo overhead); else torch.compile
+    if _aot.run_accumulate(key + (len(states2d),), x2d, idx, inv, g_index, dual2d, states2d,
+                           flags, packed, layout, rule_name, rowwise, exact):
+        return None
     for t in (x2d, g_index, dual2d, *states2d):  # row counts vary, the width does not
         if 1 not in getattr(t, "_dynamo_static_indices", ()):
             torch._dynamo.mark_static(t, 1)

@@ -8,7 +8,7 @@ features sharing a table, tables of different widths.
 import pytest
 import torch
 
-from lightning_sgl.optim import NonFiniteGradientError, _functional
+from lightning_sgl.optim import NonFiniteGradientError, _aot, _functional
 from lightning_sgl.optim._dual import dual_to_z
 from lightning_sgl.optim._moments import get_rule
 from torchrec_ext import GroupTBE, TableSpec
@@ -255,13 +255,7 @@ def test_reapply_prox_zeroes_seen_rows_only():
     assert kernel.feature_counts() == {"a": (2, 0), "b": (1, 0), "c": (1, 0)}
 
 
-@pytest.mark.parametrize("opt,rowwise", [("sgd", False), ("momentum", False), ("adagrad", False),
-                                         ("adagrad", True), ("adam", False), ("adam", True),
-                                         ("amsgrad", True)])
-def test_compiled_update_equals_eager(opt, rowwise):
-    """``compiled=True`` (one torch.compile'd loop nest per segment) against the eager ground
-    truth: 8 steps, lambdas > 0, two table widths, a shared table, MEAN pooling with per-sample
-    weights on some steps; weights, every state and the seen flags."""
+def _compiled_equals_eager(opt, rowwise):
     kernels = [GroupTBE(TABLES, FTM, pooling="mean", optimizer=opt, rowwise=rowwise,
                         hyperparameters={**HP[opt], **lambdas_for(opt)}, compiled=c)
                for c in (False, True)]
@@ -288,6 +282,34 @@ def test_compiled_update_equals_eager(opt, rowwise):
         assert ((st_c["dual"] - st_e["dual"]).abs() / z.abs().clamp(min=1.0)).max() <= 1e-5
     assert sum(int((w == 0).all(1).sum()) for w in eager.split_embedding_weights()) > 0
     assert not [k for k in _functional._WARNED if k[0] == "accumulate"], "fell back to eager"
+
+
+@pytest.mark.parametrize("opt,rowwise", [("sgd", False), ("momentum", False), ("adagrad", False),
+                                         ("adagrad", True), ("adam", False), ("adam", True),
+                                         ("amsgrad", True)])
+def test_compiled_update_equals_eager(opt, rowwise):
+    """``compiled=True`` (on CPU: the AOTInductor-compiled update, one loop nest per segment)
+    against the eager ground truth: 8 steps, lambdas > 0, two table widths, a shared table, MEAN
+    pooling with per-sample weights on some steps; weights, every state and the seen flags."""
+    before = set(_aot._RUNNERS)
+    _compiled_equals_eager(opt, rowwise)
+    used = [k for k in set(_aot._RUNNERS) - before if k[1] == opt and k[2] == rowwise]
+    assert used or [k for k in _aot._RUNNERS if k[1] == opt and k[2] == rowwise], "AOT not used"
+    assert not [k for k in _aot._BROKEN if k[1] == opt], "AOT compile failed"
+
+
+def test_torch_compile_path_equals_eager(monkeypatch):
+    """The ``torch.compile`` path (CUDA, and CPU batches the AOT kernel does not take)."""
+    monkeypatch.setattr(_aot, "run_accumulate", lambda *args, **kwargs: False)
+    _compiled_equals_eager("adam", True)
+
+
+def test_aot_cache_dir(monkeypatch, tmp_path):
+    monkeypatch.setenv("LIGHTNING_SGL_CACHE_DIR", str(tmp_path))
+    assert _aot.cache_dir() == tmp_path
+    monkeypatch.delenv("LIGHTNING_SGL_CACHE_DIR")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert _aot.cache_dir() == tmp_path / "lightning_sgl" / "aoti"
 
 
 def test_compiled_default_depends_on_size():
