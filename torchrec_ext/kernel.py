@@ -12,8 +12,8 @@ touches only the rows present in the batch:
     grad_output -> per-bag gradient -> per-index gradient (x per-sample weight, / bag length for
     MEAN) -> unique rows -> :func:`~lightning_sgl.optim._functional.accumulate_rows_`: summed
     per row, ``group_step`` (the same function the ``torch.optim`` classes call), rows and their
-    ``seen`` flags written back in place -- one ``torch.compile``'d loop nest with
-    ``compiled=True``
+    ``seen`` flags written back in place -- one compiled loop nest with ``compiled=True``
+    (AOTInductor on CPU, ``torch.compile`` on CUDA)
 
 No weight gradient is ever materialised. The math is :func:`lightning_sgl.optim._functional.group_step`;
 nothing here re-implements it.
@@ -163,7 +163,8 @@ class GroupTBE(nn.Module):
         rowwise: one second moment per row (FBGEMM's row-wise layout).
         exact_group_norm: the exact minimiser of objective (6) instead of Algorithm 1's norm.
         nonfinite: ``"raise"`` (a NaN/Inf gradient raises, nothing is modified) or ``"skip"``.
-        compiled: run the update through ``torch.compile`` (eager is the ground truth). ``None``
+        compiled: run the update compiled (AOTInductor on CPU, ``torch.compile`` on CUDA; eager
+            is the ground truth). ``None``
             (default): compile when the kernel holds at least :data:`COMPILE_MIN_WEIGHTS`
             weights, where the one-off compile (seconds, at the first backward) pays.
     """
