@@ -61,7 +61,9 @@ def group_shrink(norm: Tensor, lambda21, group_size) -> Tensor:
     0) and no NaN appears for an all-zero group.
     """
     threshold = group_size**0.5 * lambda21
-    return torch.where(norm > threshold, 1.0 - threshold / norm,
+    # (norm - t) / norm, not 1 - t / norm: a Python-number t / tensor is computed as
+    # t * reciprocal(norm), which is 0 * inf = NaN for a subnormal norm
+    return torch.where(norm > threshold, (norm - threshold) / norm,
                        torch.zeros_like(norm) + (threshold == 0))
 
 

@@ -2,6 +2,7 @@
 
 import math
 
+import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
@@ -78,3 +79,17 @@ def test_zero_denominator_gives_zero_not_nan():
     z = torch.zeros(2, 3, dtype=torch.float64)
     x = prox(z, torch.zeros(2, 1, dtype=torch.float64), 0.0, 0.0, 0.0)
     assert torch.equal(x, torch.zeros_like(x))
+
+
+@pytest.mark.parametrize("tiny", [4.9407e-324, 2.2251e-309, 1e-310])
+@pytest.mark.parametrize("lambda21", [0.0, 1e-320, 1e-3])
+def test_subnormal_groups_stay_finite(tiny, lambda21):
+    """Found by hypothesis: a subnormal group norm made ``t / norm`` (a Python number divided by
+    a tensor is ``t * reciprocal(norm)`` = 0 * inf) NaN. With lambda21 = 0 the prox is exactly
+    ``-z / sigma``."""
+    z = torch.tensor([[tiny, -tiny]], dtype=torch.float64)
+    sigma = torch.ones(1, 2, dtype=torch.float64)
+    x = prox(z, sigma, 0.0, lambda21, 0.0)
+    assert torch.isfinite(x).all()
+    if lambda21 == 0.0:
+        assert torch.equal(x, -z)
