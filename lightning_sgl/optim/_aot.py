@@ -6,8 +6,8 @@ wrappers cost tens of microseconds per call, which is a visible share of a fused
 Python function (:func:`._functional._accumulate_rows_packed_`, the math core unchanged) with
 ``torch.export`` (dynamic row counts) and compile it with AOTInductor into a package whose runner
 is called directly. Packages are cached on disk, keyed by a hash of the exported graph (so a
-change of the math gives a new key, never a stale kernel), the torch version and the CPU's
-instruction set:
+change of the math gives a new key, never a stale kernel), the torch version, the CPU's
+instruction set and the thread count:
 ``$LIGHTNING_SGL_CACHE_DIR``, else ``$XDG_CACHE_HOME/lightning_sgl/aoti``, else
 ``~/.cache/lightning_sgl/aoti``.
 
@@ -68,8 +68,9 @@ def _eligible(tensors) -> bool:
 def _build(module: nn.Module, args: tuple, dynamic_shapes: tuple):
     ep = torch.export.export(module, args, dynamic_shapes=dynamic_shapes)
     spec = repr([(tuple(t.shape[1:]), t.dtype) for t in _flat(args)])
-    isa = torch.backends.cpu.get_cpu_capability()  # the package is built for this CPU's ISA
-    digest = hashlib.sha256("\n".join([torch.__version__, isa, spec,
+    # the package is built for this CPU's ISA and thread count (parallel loops or not)
+    machine = f"{torch.backends.cpu.get_cpu_capability()} threads={torch.get_num_threads()}"
+    digest = hashlib.sha256("\n".join([torch.__version__, machine, spec,
                                         ep.graph_module.code]).encode())
     path = cache_dir() / f"accumulate-{digest.hexdigest()[:32]}.pt2"
     if not path.exists():
