@@ -505,8 +505,8 @@ class GroupTBE(nn.Module):
     def _fbgemm_forward(self, plan: dict, per_sample_weights: Tensor | None) -> Tensor | None:
         """FBGEMM's CPU TBE forward on our flat weights (same layout: table ``t`` at element
         offset ``weights_offsets[t]``, rows of width ``local_cols``), or ``None`` where it does
-        not apply (not CPU float32, MEAN with per-sample weights, op missing). Ids are already
-        range-checked by the plan."""
+        not apply (not CPU float32, MEAN with per-sample weights, op missing). FBGEMM checks the
+        ids; on its error our check names the table and the valid range."""
         if not plan.get("fbgemm_forward", False):
             return None
         st = self.__dict__.get("_fbgemm_static")
