@@ -88,6 +88,7 @@ def run(rank: int, world: int, port: int, args) -> None:
         print(f"validation AUC {auc:.4f}")
         print("zero-row share per table: " + ", ".join(f"{k} {v:.1%}" for k, v in zero.items()))
         print(f"overall zero rows: {sum(zero.values()) / len(zero):.1%}")
+    dist.barrier()  # every rank done with the gathers before gloo tears down its threads
     dist.destroy_process_group()
 
 

@@ -66,6 +66,7 @@ def run(rank, world, port, out_dir, cfg):
             out[k] = v.detach().clone()
     if rank == 0:
         torch.save(out, os.path.join(out_dir, "tables.pt"))
+    dist.barrier()  # every rank done with the gathers before gloo tears down its threads
     dist.destroy_process_group()
 
 

@@ -15,7 +15,8 @@ import torch
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-_TRANSIENT = ("Address already in use", "Connection refused", "Connection reset by peer")
+_TRANSIENT = ("Address already in use", "Connection refused", "Connection reset by peer",
+              "terminated with signal")  # a rank killed by a signal (e.g. a gloo teardown abort)
 
 
 def run_job(module: str, out_dir, cfg: dict, timeout: int = 600) -> dict:

@@ -24,6 +24,7 @@ def single_process_group():
                           WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
         dist.init_process_group("gloo", rank=0, world_size=1)
     yield
+    dist.barrier()  # all ranks done before gloo tears down its threads
     dist.destroy_process_group()
 
 

@@ -43,6 +43,7 @@ def _worker(rank, port, plan_a, plan_b, outdir):
         second.fused_optimizer.load_state_dict(state["optim"])
         H.train(second, batches[K:], rank)
         torch.save(H.local_shards(second), os.path.join(outdir, f"{name}-resumed-{rank}.pt"))
+    torch.distributed.barrier()  # all ranks done before gloo tears down its threads
     torch.distributed.destroy_process_group()
 
 

@@ -31,6 +31,7 @@ def _worker(rank, port, plan, outdir, negative):
         grads = [n for n, p in model.named_parameters() if "embedding_bags" in n and p.grad is not None]
         assert not grads, grads
         torch.save(H.local_shards(model), os.path.join(outdir, f"{name}-{rank}.pt"))
+    torch.distributed.barrier()  # all ranks done before gloo tears down its threads
     torch.distributed.destroy_process_group()
 
 
