@@ -11,8 +11,9 @@ instruction set and the thread count:
 ``$LIGHTNING_SGL_CACHE_DIR``, else ``$XDG_CACHE_HOME/lightning_sgl/aoti``, else
 ``~/.cache/lightning_sgl/aoti``.
 
-Only what the export was made for is sent to a runner: CPU, contiguous tensors, at least two
-rows, two unique rows and two indices (dimensions of size 0 or 1 are specialised by ``torch.export``).
+Only what the export was made for is sent to a runner: CPU, contiguous tensors, ``seen`` flags
+given, at least two rows, two unique rows and two indices (dimensions of size 0 or 1 are
+specialised by ``torch.export``).
 Anything else -- or a failed export or compile (then a warning, once) -- returns ``False`` and the
 caller uses the ``torch.compile`` path.
 """
@@ -46,18 +47,16 @@ def cache_dir() -> Path:
 class _Accumulate(nn.Module):
     """``accumulate_rows_`` with its static configuration bound, as an exportable module."""
 
-    def __init__(self, layout, rule_name, rowwise, exact, has_flags):
+    def __init__(self, layout, rule_name, rowwise, exact):
         super().__init__()
         self.static = (layout, rule_name, rowwise, exact)
-        self.has_flags = has_flags
 
     def forward(self, x2d, idx, inv, g_index, dual2d, flags, packed, states):
         from ._functional import _accumulate_rows_packed_
 
         layout, rule_name, rowwise, exact = self.static
-        _accumulate_rows_packed_(x2d, idx, inv, g_index, dual2d, states,
-                                 flags if self.has_flags else None, packed, layout, rule_name,
-                                 rowwise, exact)
+        _accumulate_rows_packed_(x2d, idx, inv, g_index, dual2d, states, flags, packed, layout,
+                                 rule_name, rowwise, exact)
         return packed[:1] * 0  # an output, so that the export has one
 
 
@@ -101,12 +100,10 @@ def run_accumulate(key, x2d, idx, inv, g_index, dual2d, states2d, flags, packed,
     if key in _BROKEN:
         return False
     states2d = tuple(states2d)
-    tensors = (x2d, idx, inv, g_index, dual2d, *states2d, packed) + (
-        (flags,) if flags is not None else ())
-    if (min(x2d.shape[0], idx.shape[0], inv.shape[0]) < 2 or not _eligible(tensors)):
+    if (flags is None or min(x2d.shape[0], idx.shape[0], inv.shape[0]) < 2
+            or not _eligible((x2d, idx, inv, g_index, dual2d, *states2d, packed, flags))):
         return False
-    flag_arg = flags if flags is not None else torch.zeros(x2d.shape[0], dtype=torch.uint8)
-    args = (x2d, idx, inv, g_index, dual2d, flag_arg, packed, states2d)
+    args = (x2d, idx, inv, g_index, dual2d, flags, packed, states2d)
     runner = _RUNNERS.get(key)
     if runner is None:
         rows = torch.export.Dim("rows", min=2)
@@ -115,8 +112,7 @@ def run_accumulate(key, x2d, idx, inv, g_index, dual2d, states2d, flags, packed,
         dims = ({0: rows}, {0: uniq}, {0: n}, {0: n}, {0: rows}, {0: rows}, {},
                 tuple({0: rows} for _ in states2d))
         try:
-            runner = _build(_Accumulate(layout, rule_name, rowwise, exact, flags is not None),
-                            args, dims)
+            runner = _build(_Accumulate(layout, rule_name, rowwise, exact), args, dims)
         except Exception as err:  # compiler missing, export limitation, ...: fall back
             _BROKEN.add(key)
             warnings.warn(f"lightning_sgl: AOT compile of the fused update failed for {key[:5]} "

@@ -258,17 +258,13 @@ def _pack_hp(hp: dict, step, like: Tensor) -> tuple[tuple, Tensor]:
     here once instead of once per row inside the kernel) packed into one 1-D tensor: one
     host->device copy per step, one tensor for the compiled code to guard on, and a changed value
     does not recompile. Returns ``(layout, packed)``; ``layout`` is static."""
-    layout, values = [], []
-    for k in sorted(hp):
-        v = hp[k]
-        if isinstance(v, tuple):
-            layout.append((k, len(v)))
-            values.extend(float(e) for e in v)
-        else:
-            layout.append((k, 0))
-            values.append(float(v))
     floats = {k: tuple(float(e) for e in v) if isinstance(v, tuple) else float(v)
               for k, v in hp.items()}
+    layout, values = [], []
+    for k in sorted(floats):
+        v = floats[k]
+        layout.append((k, len(v) if isinstance(v, tuple) else 0))
+        values.extend(v if isinstance(v, tuple) else (v,))
     scalars = step_scalars(float(step), floats)
     values.extend(float(v) for v in scalars.values())
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
@@ -375,8 +371,8 @@ def accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags=None, *, st
     key = ("accumulate", rule_name, rowwise, exact, flags is not None, x2d.shape[1], x2d.dtype,
            x2d.device, layout)
     # CPU: the AOTInductor-compiled kernel (no per-call dynamo overhead); else torch.compile
-    if _aot.run_accumulate(key + (len(states2d),), x2d, idx, inv, g_index, dual2d, states2d,
-                           flags, packed, layout, rule_name, rowwise, exact):
+    if _aot.run_accumulate(key, x2d, idx, inv, g_index, dual2d, states2d, flags, packed, layout,
+                           rule_name, rowwise, exact):
         return None
     for t in (x2d, g_index, dual2d, *states2d):  # row counts vary, the width does not
         if 1 not in getattr(t, "_dynamo_static_indices", ()):
