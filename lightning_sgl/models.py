@@ -7,6 +7,8 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from .optim import mark_embedding
+
 __all__ = ["EmbeddingMLP", "train_embedding_mlp"]
 
 
@@ -14,7 +16,9 @@ class EmbeddingMLP(nn.Module):
     """One embedding table for all fields (field offsets added to ids) followed by an MLP.
 
     ``embedding.weight`` is ``[sum(vocab_sizes), dim]``: one row = one feature, the groups of the
-    Group optimizers. ``sparse=True`` gives the table sparse COO gradients (lazy row updates).
+    Group optimizers (marked with :func:`~lightning_sgl.optim.mark_embedding`, so that
+    ``GroupAdam(model.parameters(), lambda21=...)`` regularises it and nothing else).
+    ``sparse=True`` gives the table sparse COO gradients (lazy row updates).
     """
 
     def __init__(self, vocab_sizes: Sequence[int], dim: int = 8,
@@ -23,7 +27,7 @@ class EmbeddingMLP(nn.Module):
         super().__init__()
         self.register_buffer("offsets", torch.cumsum(torch.tensor([0, *vocab_sizes[:-1]]), 0),
                              persistent=False)
-        self.embedding = nn.Embedding(sum(vocab_sizes), dim, sparse=sparse)
+        self.embedding = mark_embedding(nn.Embedding(sum(vocab_sizes), dim, sparse=sparse))
         nn.init.normal_(self.embedding.weight, std=init_std)
         layers: list[nn.Module] = []
         width = dim * len(vocab_sizes)

@@ -14,7 +14,7 @@ instruction set and the thread count:
 Only what the export was made for is sent to a runner: CPU, contiguous tensors, ``seen`` flags
 given, at least two rows, two unique rows and two indices (dimensions of size 0 or 1 are
 specialised by ``torch.export``).
-Anything else -- or a failed export or compile (then a warning, once) -- returns ``False`` and the
+Anything else -- or a failed export or compile (then a warning, once) -- returns ``None`` and the
 caller uses the ``torch.compile`` path.
 """
 
@@ -55,9 +55,8 @@ class _Accumulate(nn.Module):
         from ._functional import _accumulate_rows_packed_
 
         layout, rule_name, rowwise, exact = self.static
-        _accumulate_rows_packed_(x2d, idx, inv, g_index, dual2d, states, flags, packed, layout,
-                                 rule_name, rowwise, exact)
-        return packed[:1] * 0  # an output, so that the export has one
+        return _accumulate_rows_packed_(x2d, idx, inv, g_index, dual2d, states, flags, packed,
+                                        layout, rule_name, rowwise, exact)
 
 
 def _eligible(tensors) -> bool:
@@ -94,15 +93,15 @@ def _flat(args):
 
 
 def run_accumulate(key, x2d, idx, inv, g_index, dual2d, states2d, flags, packed, layout,
-                   rule_name, rowwise, exact) -> bool:
-    """Run the AOT-compiled update for ``key``; ``False`` if it does not apply (nothing was
-    written then)."""
+                   rule_name, rowwise, exact) -> Tensor | None:
+    """Run the AOT-compiled update for ``key``: the mask of refused rows (see
+    ``_functional.accumulate_rows_``), or ``None`` if it does not apply (nothing was written)."""
     if key in _BROKEN:
-        return False
+        return None
     states2d = tuple(states2d)
     if (flags is None or min(x2d.shape[0], idx.shape[0], inv.shape[0]) < 2
             or not _eligible((x2d, idx, inv, g_index, dual2d, *states2d, packed, flags))):
-        return False
+        return None
     args = (x2d, idx, inv, g_index, dual2d, flags, packed, states2d)
     runner = _RUNNERS.get(key)
     if runner is None:
@@ -117,7 +116,6 @@ def run_accumulate(key, x2d, idx, inv, g_index, dual2d, states2d, flags, packed,
             _BROKEN.add(key)
             warnings.warn(f"lightning_sgl: AOT compile of the fused update failed for {key[:5]} "
                           f"({err!r:.200}); using torch.compile", RuntimeWarning, stacklevel=3)
-            return False
+            return None
         _RUNNERS[key] = runner
-    runner(*args)
-    return True
+    return runner(*args)[0]

@@ -7,6 +7,7 @@ live here and call :mod:`._functional` (the one implementation of Algorithm 1).
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, ClassVar
 
 import torch
@@ -18,7 +19,7 @@ from ._functional import (
     apply_rows_,
     from_groups,
     group_norms,
-    reprox,
+    reprox_rows_,
     rowwise_view,
     to_groups,
 )
@@ -36,10 +37,23 @@ from ._validation import (
 EMBEDDING_MARK = "_sgl_embedding"
 
 
+def _is_view_of(view: Tensor, t: Tensor) -> bool:
+    """``view`` shares ``t``'s storage (writes to it reach ``t``)."""
+    return view.untyped_storage().data_ptr() == t.untyped_storage().data_ptr()
+
+
 def mark_embedding(obj) -> Any:
     """Mark a parameter (or every 2-D parameter of a module) as an embedding table.
 
-    ``group_by="auto"`` then groups it by row (one row = one feature). Returns ``obj``.
+    ``group_by="auto"`` (the default) then groups it by row (one row = one feature) and applies
+    the lambdas to it; unmarked parameters get no regulariser under ``auto``. The mark is a
+    Python attribute of the parameter: ``copy.deepcopy`` of a model keeps the data only (torch's
+    ``Parameter.__deepcopy__``), so mark the copy again. Returns ``obj``.
+
+    Example::
+
+        model.embedding = mark_embedding(nn.Embedding(num_ids, 16))
+        opt = GroupAdam(model.parameters(), lr=1e-3, lambda21=1e-4)   # the MLP stays plain Adam
     """
     params = [obj] if isinstance(obj, torch.nn.Parameter) else list(obj.parameters())
     for p in params:
@@ -51,24 +65,28 @@ def mark_embedding(obj) -> Any:
 def _looks_like_embedding(p: Tensor, name: str | None) -> bool:
     if getattr(p, EMBEDDING_MARK, False):
         return True
-    if name is None:
-        return True  # unnamed 2-D parameter: the library's main case, an embedding table
-    return "emb" in name.lower()
+    return name is not None and "emb" in name.lower()
+
+
+#: the layout ``group_by="auto"`` gives a parameter that is not an embedding table: no groups
+#: and no regulariser at all (the base optimizer's step)
+PLAIN = "plain"
 
 
 def resolve_group_by(p: Tensor, option: str, name: str | None = None) -> str:
     """The group layout of parameter ``p`` under the param group option ``option``.
 
-    ``auto``: 2-D parameters marked with :func:`mark_embedding`, or whose name (when the
-    optimizer was given ``named_parameters()``) contains ``"emb"``, or unnamed -> ``row``; other
-    named 2-D parameters (``nn.Linear`` weights ``[out, in]``) -> ``column`` (one group per input
-    unit); everything else (biases, scalars, conv kernels) -> ``tensor``.
+    ``auto`` (the default) regularises embedding tables only, as the paper does (Section 4.1):
+    a 2-D parameter marked with :func:`mark_embedding` (parameters that receive sparse
+    gradients, ``nn.Embedding(sparse=True)``, are marked at their first step), or whose name
+    (when the optimizer was given ``named_parameters()``) contains ``"emb"``, -> ``row`` (one row = one feature); every
+    other parameter (MLP weights, biases, unmarked unnamed tensors) -> ``"plain"``: no lambda
+    acts on it, it takes the base optimizer's step. Dense groups are opt-in: ``row``,
+    ``column`` (``nn.Linear`` weights ``[out, in]``: one group per input unit) or ``tensor``.
     """
     check_choice("group_by", option, GROUP_BY_OPTIONS)
     if option == "auto":
-        if p.dim() == 2:
-            return "row" if _looks_like_embedding(p, name) else "column"
-        return "tensor"
+        return "row" if p.dim() == 2 and _looks_like_embedding(p, name) else PLAIN
     if option in ("row", "column") and p.dim() != 2:
         raise ValueError(
             f"Invalid group_by: {option!r} needs a 2-D parameter, got shape {tuple(p.shape)}"
@@ -90,6 +108,21 @@ class GroupOptimizer(Optimizer):
     def __init__(self, params, defaults: dict):
         self._validate(defaults, params=None)
         super().__init__(params, defaults)
+        self._checked_lambdas = False
+
+    def _warn_if_regularisers_act_nowhere(self) -> None:
+        """Warn once (at the first step, when sparse tables are known) if a param group sets
+        lambdas that reach none of its parameters."""
+        self._checked_lambdas = True
+        for i, group in enumerate(self.param_groups):
+            lams = [k for k in ("lambda1", "lambda21", "lambda2") if float(group[k]) > 0]
+            if lams and all(resolve_group_by(p, group["group_by"], n) == PLAIN for p, n in self._named(group)):
+                warnings.warn(
+                    f"{type(self).__name__}: {', '.join(lams)} set in param group {i}, but none "
+                    "of its parameters is an embedding table, so no regulariser acts: "
+                    "group_by='auto' regularises only tables marked with mark_embedding(...) or "
+                    "named '*emb*' (pass model.named_parameters()). Mark the tables, or give "
+                    "their param group group_by='row'.", UserWarning, stacklevel=4)
 
     # ------------------------------------------------------------------ validation
     def _validate_extra(self, group: dict) -> None:  # pragma: no cover - overridden
@@ -136,8 +169,10 @@ class GroupOptimizer(Optimizer):
     def _hp(self, group: dict, group_by: str) -> dict:
         hp = {k: v for k, v in group.items()
               if k not in ("params", "param_names", "initial_lr", *self._flags)}
-        if group_by == "none":
+        if group_by in ("none", PLAIN):
             hp["lambda21"] = 0.0
+        if group_by == PLAIN:
+            hp["lambda1"] = hp["lambda2"] = 0.0
         return hp
 
     def _init_state(self, p: Tensor, group_by: str, rowwise: bool) -> dict:
@@ -165,12 +200,17 @@ class GroupOptimizer(Optimizer):
             for p, name in self._named(group):
                 if p.grad is None:
                     continue
+                if p.grad.is_sparse and p.dim() == 2:
+                    # a 2-D parameter with sparse gradients (nn.Embedding(sparse=True)) is a table
+                    mark_embedding(p)
                 gb = resolve_group_by(p, group["group_by"], name)
                 if p.grad.is_sparse and (gb not in ("row", "none") or p.dim() != 2):
                     raise ValueError(
                         f"Invalid group_by: {gb!r} for a sparse gradient of shape "
                         f"{tuple(p.shape)} (valid: 'row' or 'none' on a 2-D embedding table)")
                 work.append((group, p, name, gb))
+        if not self.__dict__.get("_checked_lambdas", False):
+            self._warn_if_regularisers_act_nowhere()
         return work
 
     @staticmethod
@@ -199,12 +239,15 @@ class GroupOptimizer(Optimizer):
         self._update(self._collect())
         return loss
 
-    def _update(self, work, g2_of: dict | None = None) -> None:
-        g2_of = g2_of or {}
-        checks = [p.grad for _, p, _, _ in work] + [g2_of[p] for _, p, _, _ in work if p in g2_of]
+    def _update(self, work, sq_of: dict | None = None) -> None:
+        sq_of = sq_of or {}
+        # duplicates of a sparse gradient are summed first, so that finite values whose sum
+        # overflows are caught by the check (and the rows are coalesced once)
+        grads = {p: (p.grad.coalesce() if p.grad.is_sparse else p.grad) for _, p, _, _ in work}
+        checks = [grads[p] for _, p, _, _ in work] + [sq_of[p] for _, p, _, _ in work if p in sq_of]
         flags = self._finite_flags(checks)
         bad = [i for i, ok in enumerate(flags[: len(work)]) if not ok]
-        bad += [i for i, ok in zip([i for i, w in enumerate(work) if w[1] in g2_of],
+        bad += [i for i, ok in zip([i for i, w in enumerate(work) if w[1] in sq_of],
                                    flags[len(work):]) if not ok]
         refuse = [work[i] for i in sorted(set(bad)) if work[i][0]["nonfinite"] == "raise"]
         if refuse:
@@ -214,7 +257,8 @@ class GroupOptimizer(Optimizer):
                 "or state was modified. Pass nonfinite='skip' to skip the affected rows instead.")
         bad = set(bad)
         rule = get_rule(self.rule)
-        for i, (group, p, _, gb) in enumerate(work):
+        overflow = []
+        for i, (group, p, name, gb) in enumerate(work):
             rowwise = group["rowwise"]
             state = self._init_state(p, gb, rowwise)
             state["step"] += 1
@@ -224,23 +268,37 @@ class GroupOptimizer(Optimizer):
             rw = [rowwise and n in rule.second_moment_names for n in rule.state_names]
             kw = dict(step=step, hp=hp, rule_name=self.rule, rowwise=rowwise,
                       exact=group["exact_group_norm"], compiled=group["compiled"])
-            grad, g2 = p.grad, g2_of.get(p)
-            if group["track_seen"] and gb == "row":
-                self._mark_seen(state, p, grad)
+            grad, h = grads[p], sq_of.get(p)
             if grad.is_sparse or i in bad:
-                self._lazy(p, grad, g2, state["dual"], states, rw, gb, i in bad, kw)
+                idx, refused = self._lazy(p, grad, h, state["dual"], states, rw, gb, i in bad, kw)
             else:
-                apply_dense_(p, grad, state["dual"], states, rw, g2=g2, group_by=gb, **kw)
+                idx = None
+                refused = apply_dense_(p, grad, state["dual"], states, rw, sq_of=h, group_by=gb,
+                                       **kw)
+            if group["track_seen"] and gb == "row":
+                self._mark_seen(state, p, grad, idx, refused)
+            n_refused = int(refused.sum())
+            if n_refused:
+                overflow.append((group, name or f"param {tuple(p.shape)}", n_refused))
+        raising = [(n, k) for g, n, k in overflow if g["nonfinite"] == "raise"]
+        if raising:
+            raise NonFiniteGradientError(
+                f"{type(self).__name__}: the step would have written non-finite values (overflow "
+                "from finite gradients: a state near the float range or extreme hyperparameters) "
+                f"into {', '.join(f'{k} group(s) of {n}' for n, k in raising)}; those groups and "
+                "their state were left unchanged, every other group was updated. Pass "
+                "nonfinite='skip' to skip such groups silently.")
 
     @staticmethod
-    def _mark_seen(state: dict, p: Tensor, grad: Tensor) -> None:
-        """1 byte per row: the row had a (non-zero) gradient at some step."""
+    def _mark_seen(state: dict, p: Tensor, grad: Tensor, idx: Tensor | None,
+                   refused: Tensor) -> None:
+        """1 byte per row: the row had a (non-zero) gradient at some step and was updated."""
         if "seen" not in state:
             state["seen"] = torch.zeros(p.shape[0], dtype=torch.uint8, device=p.device)
-        if grad.is_sparse:  # duplicate indices are harmless here: no need to coalesce
-            state["seen"][grad._indices()[0]] = 1
+        if idx is not None:  # lazy rows (sparse gradient or skipped rows)
+            state["seen"][idx[~refused]] = 1
         else:
-            state["seen"] |= grad.ne(0).any(dim=1).to(torch.uint8)
+            state["seen"] |= (grad.ne(0).any(dim=1) & ~refused).to(torch.uint8)
 
     def _param_info(self, p: Tensor):
         for group in self.param_groups:
@@ -286,39 +344,37 @@ class GroupOptimizer(Optimizer):
                 if not state:
                     continue
                 gb = resolve_group_by(p, group["group_by"], name)
-                states = self._group_states(state, group, gb)
+                # only rows that were trained, for lazy tables; every group otherwise
+                rows = state["seen"].nonzero().view(-1) if "seen" in state else None
                 x2d, dual2d = to_groups(p, gb), to_groups(state["dual"], gb)
-                kw = dict(rule=rule, step=max(state["step"].item(), 1.0), hp=self._hp(group, gb),
-                          exact=group["exact_group_norm"])
-                if "seen" in state:  # only rows that were trained (lazy tables)
-                    rows = state["seen"].nonzero().view(-1)
-                    x_new, dual_new = reprox(x2d.index_select(0, rows),
-                                             dual2d.index_select(0, rows),
-                                             tuple(t.index_select(0, rows) for t in states), **kw)
-                    x2d.index_copy_(0, rows, x_new)
-                    dual2d.index_copy_(0, rows, dual_new)
-                    continue
-                x_new, dual_new = reprox(x2d, dual2d, states, **kw)
-                p.copy_(from_groups(x_new, gb, p.shape))
-                state["dual"].copy_(from_groups(dual_new, gb, p.shape))
+                if rows is None and (not _is_view_of(x2d, p) or not _is_view_of(dual2d,
+                                                                                  state["dual"])):
+                    x2d, dual2d = x2d.clone(), dual2d.clone()  # reshape copied: write back below
+                reprox_rows_(x2d, dual2d, self._group_states(state, group, gb), rows, rule=rule,
+                             step=max(state["step"].item(), 1.0), hp=self._hp(group, gb),
+                             exact=group["exact_group_norm"])
+                if not _is_view_of(x2d, p):
+                    p.copy_(from_groups(x2d, gb, p.shape))
+                    state["dual"].copy_(from_groups(dual2d, gb, p.shape))
 
     @staticmethod
-    def _lazy(p, grad, g2, dual, states, rw, gb, skip_nonfinite, kw) -> None:
-        """Lazy rows: only rows present in the gradient (and finite, when skipping) are updated."""
+    def _lazy(p, grad, h, dual, states, rw, gb, skip_nonfinite, kw) -> tuple[Tensor, Tensor]:
+        """Lazy rows: only rows present in the gradient (coalesced if sparse) and finite, when
+        skipping, are updated. Returns ``(rows processed, mask of those refused)``."""
         if grad.is_sparse:
-            grad = grad.coalesce()
             idx, rows = grad.indices()[0], grad.values()
-            g2_rows = None
+            sq_rows = None
         else:
             rows = to_groups(grad, gb)
             idx = torch.arange(rows.shape[0], device=rows.device)
-            g2_rows = None if g2 is None else to_groups(g2, gb)
+            sq_rows = None if h is None else to_groups(h, gb)
         if skip_nonfinite:
             ok = torch.isfinite(rows).all(dim=1)
-            if g2_rows is not None:
-                ok &= torch.isfinite(g2_rows).all(dim=1)
+            if sq_rows is not None:
+                ok &= torch.isfinite(sq_rows).all(dim=1)
             idx, rows = idx[ok], rows[ok]
-            g2_rows = None if g2_rows is None else g2_rows[ok]
+            sq_rows = None if sq_rows is None else sq_rows[ok]
         states2d = [rowwise_view(s) if r else to_groups(s, gb) for s, r in zip(states, rw)]
-        apply_rows_(to_groups(p, gb), idx, rows, to_groups(dual, gb), states2d, g2_rows=g2_rows,
-                    **kw)
+        refused = apply_rows_(to_groups(p, gb), idx, rows, to_groups(dual, gb), states2d,
+                              sq_rows=sq_rows, **kw)
+        return idx, refused

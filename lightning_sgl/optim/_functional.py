@@ -20,6 +20,7 @@ evaluates no per-element ``pow``.
 from __future__ import annotations
 
 import contextlib
+import math
 import types
 import warnings
 from unittest import mock
@@ -33,17 +34,20 @@ from ._moments import MomentRule, get_rule, step_scalars
 from ._prox import group_norm, prox, soft_threshold
 
 __all__ = ["group_step", "reprox", "group_norms", "second_moment_input", "apply_dense_", "apply_rows_",
-           "accumulate_rows_", "to_groups", "from_groups"]
+           "accumulate_rows_", "reprox_rows_", "rows_finite", "to_groups", "from_groups"]
 
 
-def second_moment_input(g: Tensor, g2: Tensor | None, rowwise: bool, group_size=None,
-                        reduce_sum=None) -> Tensor:
-    """What ``V`` accumulates: ``g*g`` (or AdaHessian's ``D^2``), or its row mean if row-wise.
+def second_moment_input(g: Tensor, sq_of: Tensor | None, rowwise: bool, group_size=None,
+                        reduce_sum=None, weight=None) -> Tensor:
+    """What ``V`` adds this step: ``(w * h) * h`` with ``h = g`` (or AdaHessian's ``D``) and ``w``
+    the rule's ``sq_weight`` (Adam's ``1 - beta2``; 1 if ``None``), or its row mean if row-wise.
 
-    For a column shard the row mean is ``reduce_sum(sum of the local part) / full width``.
+    The order is ``torch.optim``'s (``addcmul_(h, h, value=w)``), so that a square which
+    ``torch.optim`` can store is finite here too. For a column shard the row mean is
+    ``reduce_sum(sum of the local part) / full width``.
     """
-    if g2 is None:
-        g2 = g * g
+    h = g if sq_of is None else sq_of
+    g2 = (h if weight is None else weight * h) * h
     if not rowwise:
         return g2
     if reduce_sum is None:
@@ -60,7 +64,7 @@ def group_step(
     rule: MomentRule,
     step,
     hp: dict,
-    g2: Tensor | None = None,
+    sq_of: Tensor | None = None,
     rowwise: bool = False,
     exact: bool = False,
     group_size=None,
@@ -76,8 +80,9 @@ def group_step(
         rule: the base optimizer's moment rule.
         step: global step ``t >= 1`` (number or 0-d tensor).
         hp: hyperparameters: ``lr``, ``lambda1``, ``lambda21``, ``lambda2`` and the rule's own.
-        g2: what the second moment accumulates; default ``g*g`` (AdaHessian passes ``D_t^2``).
-        rowwise: one second moment per row, accumulating the row mean of ``g2``.
+        sq_of: the quantity whose square the second moment accumulates; default ``g``
+            (AdaHessian passes its Hessian diagonal estimate ``D_t``).
+        rowwise: one second moment per row, accumulating the row mean of the squares.
         exact: use the exact group norm ``||A^{-1/2} s||`` instead of ``||s||``.
         group_size: the group width ``d_g`` if a row here is only part of its group (column
             shards); a number or a ``[G, 1]`` tensor. Default ``d``.
@@ -87,14 +92,45 @@ def group_step(
     Returns:
         ``(x_{t+1}, u_t, new_states)``.
     """
+    z, sigma, new_states = dual_and_moments(x, g, dual, states, rule=rule, step=step, hp=hp,
+                                            sq_of=sq_of, rowwise=rowwise, group_size=group_size,
+                                            reduce_sum=reduce_sum)
+    x_new = prox(z, sigma, hp["lambda1"], hp["lambda21"], hp["lambda2"], exact, group_size,
+                 reduce_sum, x_prev=x)
+    return x_new, dual_carry(z, sigma, x_new), new_states
+
+
+def dual_and_moments(x, g, dual, states, *, rule: MomentRule, step, hp: dict, sq_of=None,
+                     rowwise: bool = False, group_size=None, reduce_sum=None):
+    """Lines 3-6 of Algorithm 1 (pure): ``(z_t, sigma_t, new_states)``; arguments as
+    :func:`group_step`."""
+    g2 = None
     if rule.uses_g2:
-        g2 = second_moment_input(g, g2, rowwise, group_size, reduce_sum)
+        g2 = second_moment_input(g, sq_of, rowwise, group_size, reduce_sum,
+                                 None if rule.sq_weight is None else rule.sq_weight(hp))
     m, new_states = rule.update(g, g2, states, step, hp)
     sigma = rule.sigma(new_states, step, hp, x)
-    z = dual_update(dual, m, sigma, x)
-    x_new = prox(z, sigma, hp["lambda1"], hp["lambda21"], hp["lambda2"], exact, group_size,
-                 reduce_sum)
-    return x_new, dual_carry(z, sigma, x_new), new_states
+    return dual_update(dual, m, sigma, x), sigma, new_states
+
+
+def step_is_finite(x, g, dual, states, *, rule: MomentRule, step, hp: dict, sq_of=None,
+                   rowwise: bool = False) -> Tensor:
+    """0-d bool: a sufficient condition that :func:`group_step` writes only finite values.
+
+    Checked before the prox: the new moments, ``4 z_t`` and ``s_t / (sigma_t + 2 lambda2)`` are
+    finite. Then ``x_{t+1} = f s_t/(sigma_t + 2 lambda2)`` with ``f`` in ``[0, 1]`` is finite, and
+    so is ``u_t = z_t + sigma_t x_{t+1}``, because ``|sigma_t x_{t+1}| <= |s_t| <= |z_t|``. One
+    read of the inputs and no write: the compiled dense path runs it before its unguarded fused
+    update, and takes the guarded per-group path when it fails.
+    """
+    z, sigma, new_states = dual_and_moments(x, g, dual, states, rule=rule, step=step, hp=hp,
+                                            sq_of=sq_of, rowwise=rowwise)
+    denom = sigma + 2.0 * hp["lambda2"]
+    q = soft_threshold(z, hp["lambda1"]) / torch.where(denom > 0, denom, torch.ones_like(denom))
+    ok = torch.isfinite(z * 4.0).all() & torch.isfinite(q).all()
+    for t in new_states:
+        ok = ok & torch.isfinite(t).all()
+    return ok
 
 
 def reprox(x: Tensor, dual: Tensor, states: tuple[Tensor, ...], *, rule: MomentRule, step, hp: dict,
@@ -110,7 +146,7 @@ def reprox(x: Tensor, dual: Tensor, states: tuple[Tensor, ...], *, rule: MomentR
     sigma = rule.sigma(states, step, hp, x)
     z = dual_to_z(dual, sigma, x)
     x_new = prox(z, sigma, hp["lambda1"], hp["lambda21"], hp["lambda2"], exact, group_size,
-                 reduce_sum)
+                 reduce_sum, x_prev=x)
     return x_new, dual_carry(z, sigma, x_new)
 
 
@@ -124,7 +160,8 @@ def group_norms(x: Tensor, dual: Tensor, states: tuple[Tensor, ...], *, rule: Mo
     """
     sigma = rule.sigma(states, step, hp, x)
     z = dual_to_z(dual, sigma, x)
-    return group_norm(soft_threshold(z, hp["lambda1"]), sigma, hp["lambda2"], exact, reduce_sum)
+    norm = group_norm(soft_threshold(z, hp["lambda1"]), sigma, hp["lambda2"], exact, reduce_sum)
+    return norm.to(x.dtype)
 
 
 # --------------------------------------------------------------------------- layouts
@@ -132,10 +169,10 @@ def to_groups(t: Tensor, group_by: str) -> Tensor:
     """The group matrix view of a parameter-shaped tensor: rows are the groups.
 
     ``row``: the 2-D tensor itself; ``column``: its transpose (an ``nn.Linear`` weight
-    ``[out, in]`` has one group per input unit); ``tensor``: one row; ``none``: rows of a 2-D
-    tensor, one row otherwise (no l21 is applied, the rows only matter for skipping).
+    ``[out, in]`` has one group per input unit); ``tensor``: one row; ``none`` and ``plain``
+    (no l21): rows of a 2-D tensor, one row otherwise (the rows only matter for skipping).
     """
-    if group_by == "row" or (group_by == "none" and t.dim() == 2):
+    if group_by == "row" or (group_by in ("none", "plain") and t.dim() == 2):
         return t
     if group_by == "column":
         return t.t()
@@ -155,47 +192,130 @@ def rowwise_view(t: Tensor) -> Tensor:
 
 
 # --------------------------------------------------------------------------- in-place front ends
-def _dense_(param, grad, dual, states, rowwise_flags, step, hp, g2, rule_name, group_by, rowwise,
+# Every write below goes through a per-row guard: a row (group) whose new weights, dual or
+# moments would be non-finite -- possible from finite inputs only through overflow (a state near
+# the float range, extreme hyperparameters) -- is left as it was, and the front end returns the
+# mask of such rows so that the caller applies its ``nonfinite`` policy. NaN/Inf never enters a
+# parameter or state silently.
+
+
+def rows_finite(*tensors: Tensor) -> Tensor:
+    """``[G]`` bool: row ``i`` of every ``[G, ...]`` tensor is finite."""
+    ok = None
+    for t in tensors:
+        f = torch.isfinite(t.reshape(t.shape[0], math.prod(t.shape[1:]))).all(dim=1)
+        ok = f if ok is None else ok & f
+    return ok
+
+
+def _dense_(param, grad, dual, states, rowwise_flags, step, hp, sq_of, rule_name, group_by, rowwise,
             exact):
-    """Algorithm 1 on a whole parameter, writing param, dual and states in place."""
+    """Algorithm 1 on a whole parameter, writing param, dual and states in place (rows whose
+    result is not finite are kept). Returns the ``[G]`` mask of such refused rows."""
     shape = param.shape
+    x2d, dual2d = to_groups(param, group_by), to_groups(dual, group_by)
     st = tuple(rowwise_view(s) if rw else to_groups(s, group_by)
                for s, rw in zip(states, rowwise_flags))
     x_new, dual_new, new_states = group_step(
-        to_groups(param, group_by), to_groups(grad, group_by), to_groups(dual, group_by), st,
+        x2d, to_groups(grad, group_by), dual2d, st,
         rule=get_rule(rule_name), step=step, hp=hp,
-        g2=None if g2 is None else to_groups(g2, group_by), rowwise=rowwise, exact=exact)
+        sq_of=None if sq_of is None else to_groups(sq_of, group_by), rowwise=rowwise,
+        exact=exact)
+    keep = rows_finite(x_new, dual_new, *new_states).unsqueeze(1)
+    param.copy_(from_groups(torch.where(keep, x_new, x2d), group_by, shape))
+    dual.copy_(from_groups(torch.where(keep, dual_new, dual2d), group_by, shape))
+    for s, old, n, rw in zip(states, st, new_states, rowwise_flags):
+        n = torch.where(keep, n, old)
+        s.copy_(n.squeeze(1) if rw else from_groups(n, group_by, shape))
+    return ~keep.squeeze(1)
+
+
+def _dense_views(param, grad, dual, states, rowwise_flags, sq_of, group_by):
+    st = tuple(rowwise_view(s) if rw else to_groups(s, group_by)
+               for s, rw in zip(states, rowwise_flags))
+    return (to_groups(param, group_by), to_groups(grad, group_by), to_groups(dual, group_by), st,
+            None if sq_of is None else to_groups(sq_of, group_by))
+
+
+def _dense_probe_(param, grad, dual, states, rowwise_flags, step, hp, sq_of, rule_name, group_by,
+                  rowwise, exact):
+    x, g, d, st, h = _dense_views(param, grad, dual, states, rowwise_flags, sq_of, group_by)
+    return step_is_finite(x, g, d, st, rule=get_rule(rule_name), step=step, hp=hp, sq_of=h,
+                          rowwise=rowwise)
+
+
+def _dense_fast_(param, grad, dual, states, rowwise_flags, step, hp, sq_of, rule_name, group_by,
+                 rowwise, exact):
+    """:func:`_dense_` without the per-group guard (one fused loop nest when compiled): only
+    after :func:`step_is_finite` said every value it writes is finite."""
+    shape = param.shape
+    x, g, d, st, h = _dense_views(param, grad, dual, states, rowwise_flags, sq_of, group_by)
+    x_new, dual_new, new_states = group_step(x, g, d, st, rule=get_rule(rule_name), step=step,
+                                             hp=hp, sq_of=h, rowwise=rowwise, exact=exact)
     param.copy_(from_groups(x_new, group_by, shape))
     dual.copy_(from_groups(dual_new, group_by, shape))
     for s, n, rw in zip(states, new_states, rowwise_flags):
         s.copy_(n.squeeze(1) if rw else from_groups(n, group_by, shape))
 
 
-def _rows_(x2d, idx, g_rows, dual2d, states2d, step, hp, g2_rows, rule_name, rowwise, exact,
+def _rows_(x2d, idx, g_rows, dual2d, states2d, step, hp, sq_rows, rule_name, rowwise, exact,
            group_size=None, reduce_sum=None):
-    """In place: gather rows ``idx``, Algorithm 1, scatter back (one fused loop when compiled)."""
+    """In place: gather rows ``idx``, Algorithm 1, scatter back the rows whose result is finite
+    (one fused loop when compiled). Returns the mask (over ``idx``) of the refused rows."""
+    x_old, dual_old = x2d.index_select(0, idx), dual2d.index_select(0, idx)
+    st_old = tuple(s.index_select(0, idx) for s in states2d)
     x_new, dual_new, new_states = group_step(
-        x2d.index_select(0, idx), g_rows, dual2d.index_select(0, idx),
-        tuple(s.index_select(0, idx) for s in states2d), rule=get_rule(rule_name), step=step,
-        hp=hp, g2=g2_rows, rowwise=rowwise, exact=exact, group_size=group_size,
+        x_old, g_rows, dual_old, st_old, rule=get_rule(rule_name), step=step,
+        hp=hp, sq_of=sq_rows, rowwise=rowwise, exact=exact, group_size=group_size,
         reduce_sum=reduce_sum)
-    x2d.index_copy_(0, idx, x_new)
-    dual2d.index_copy_(0, idx, dual_new)
-    for s, n in zip(states2d, new_states):
-        s.index_copy_(0, idx, n)
+    keep = rows_finite(x_new, dual_new, *new_states).unsqueeze(1)
+    x2d.index_copy_(0, idx, torch.where(keep, x_new, x_old))
+    dual2d.index_copy_(0, idx, torch.where(keep, dual_new, dual_old))
+    for s, old, n in zip(states2d, st_old, new_states):
+        s.index_copy_(0, idx, torch.where(keep, n, old))
+    return ~keep.squeeze(1)
 
 
 def _accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags, step, hp, rule_name, rowwise,
                       exact, group_size=None, reduce_sum=None):
     """In place, for the unique rows ``idx`` of a batch: sum the per-index gradients ``g_index``
     into their rows (``inv``: position in ``idx`` of each index's row), Algorithm 1 on those rows,
-    write back, and set ``flags[idx] = 1``. One fused loop nest when compiled."""
+    write back the rows whose result is finite, and set ``flags`` of those rows to 1. One fused
+    loop nest when compiled. Returns the mask (over ``idx``) of the refused rows."""
     g_rows = torch.zeros((idx.shape[0], g_index.shape[1]), dtype=g_index.dtype,
                          device=g_index.device).index_add_(0, inv, g_index)
-    _rows_(x2d, idx, g_rows, dual2d, states2d, step, hp, None, rule_name, rowwise, exact,
-           group_size, reduce_sum)
+    refused = _rows_(x2d, idx, g_rows, dual2d, states2d, step, hp, None, rule_name, rowwise, exact,
+                     group_size, reduce_sum)
     if flags is not None:
-        flags.index_fill_(0, idx, 1)
+        flags.index_copy_(0, idx, torch.where(refused, flags.index_select(0, idx),
+                                              torch.ones_like(idx, dtype=flags.dtype)))
+    return refused
+
+
+def reprox_rows_(x2d: Tensor, dual2d: Tensor, states2d, rows: Tensor | None = None, *,
+                 rule: MomentRule, step, hp: dict, exact: bool = False, group_size=None,
+                 reduce_sum=None) -> Tensor:
+    """In place: :func:`reprox` on the rows ``rows`` of group matrices (all rows if ``None``);
+    rows whose result would not be finite are kept. Returns the mask of those refused rows.
+
+    Cost: O(len(rows) x d) reads and writes; no collective unless ``reduce_sum`` does one.
+    """
+    if rows is None:
+        x_old, dual_old, st = x2d, dual2d, tuple(states2d)
+    else:
+        x_old, dual_old = x2d.index_select(0, rows), dual2d.index_select(0, rows)
+        st = tuple(t.index_select(0, rows) for t in states2d)
+    x_new, dual_new = reprox(x_old, dual_old, st, rule=rule, step=step, hp=hp, exact=exact,
+                             group_size=group_size, reduce_sum=reduce_sum)
+    keep = rows_finite(x_new, dual_new).unsqueeze(1)
+    x_new, dual_new = torch.where(keep, x_new, x_old), torch.where(keep, dual_new, dual_old)
+    if rows is None:
+        x2d.copy_(x_new)
+        dual2d.copy_(dual_new)
+    else:
+        x2d.index_copy_(0, rows, x_new)
+        dual2d.index_copy_(0, rows, dual_new)
+    return ~keep.squeeze(1)
 
 
 #: parameters smaller than this run eagerly even with ``compiled=True`` (a compile per shape
@@ -286,51 +406,70 @@ def _unpack_hp(layout: tuple, packed: Tensor) -> tuple[dict, dict]:
     return hp, {k: packed[i + j] for j, k in enumerate(scalar_keys)}
 
 
-def _dense_packed_(param, grad, dual, states, rowwise_flags, packed, layout, g2, rule_name,
-                   group_by, rowwise, exact):
+def _dense_probe_packed_(param, grad, dual, states, rowwise_flags, packed, layout, sq_of, rule_name,
+                         group_by, rowwise, exact):
     hp, step = _unpack_hp(layout, packed)
-    _dense_(param, grad, dual, states, rowwise_flags, step, hp, g2, rule_name, group_by, rowwise,
-            exact)
+    return _dense_probe_(param, grad, dual, states, rowwise_flags, step, hp, sq_of, rule_name,
+                         group_by, rowwise, exact)
 
 
-def _rows_packed_(x2d, idx, g_rows, dual2d, states2d, packed, layout, g2_rows, rule_name, rowwise,
+def _dense_fast_packed_(param, grad, dual, states, rowwise_flags, packed, layout, sq_of, rule_name,
+                        group_by, rowwise, exact):
+    hp, step = _unpack_hp(layout, packed)
+    _dense_fast_(param, grad, dual, states, rowwise_flags, step, hp, sq_of, rule_name, group_by,
+                 rowwise, exact)
+
+
+def _rows_packed_(x2d, idx, g_rows, dual2d, states2d, packed, layout, sq_rows, rule_name, rowwise,
                   exact):
     hp, step = _unpack_hp(layout, packed)
-    _rows_(x2d, idx, g_rows, dual2d, states2d, step, hp, g2_rows, rule_name, rowwise, exact)
+    return _rows_(x2d, idx, g_rows, dual2d, states2d, step, hp, sq_rows, rule_name, rowwise, exact)
 
 
 def _accumulate_rows_packed_(x2d, idx, inv, g_index, dual2d, states2d, flags, packed, layout,
                              rule_name, rowwise, exact):
     hp, step = _unpack_hp(layout, packed)
-    _accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags, step, hp, rule_name,
+    return _accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags, step, hp, rule_name,
                       rowwise, exact)
 
 
 def apply_dense_(param, grad, dual, states, rowwise_flags, *, step, hp, rule_name, group_by,
-                 rowwise=False, exact=False, g2=None, compiled=False):
+                 rowwise=False, exact=False, sq_of=None, compiled=False):
     """Algorithm 1 on a whole parameter, writing ``param``, ``dual`` and ``states`` in place.
 
-    ``states`` are stored parameter-shaped, except row-wise second moments (``[G]``).
+    ``states`` are stored parameter-shaped, except row-wise second moments (``[G]``). Returns
+    the ``[G]`` bool mask of the groups left unchanged because their result would not be finite.
+
+    ``compiled=True`` runs two compiled passes: :func:`step_is_finite` (a read of the inputs),
+    then the unguarded fused update; if the check fails (overflow), the guarded eager update
+    decides group by group.
     """
-    args = (param, grad, dual, tuple(states), tuple(rowwise_flags), step, hp, g2, rule_name,
+    args = (param, grad, dual, tuple(states), tuple(rowwise_flags), step, hp, sq_of, rule_name,
             group_by, rowwise, exact)
     if not compiled or param.numel() < COMPILE_MIN_NUMEL:
         return _dense_(*args)
     layout, packed = _pack_hp(hp, step, param)
-    key = ("dense", rule_name, group_by, rowwise, exact, g2 is not None, tuple(param.shape),
+    key = ("dense", rule_name, group_by, rowwise, exact, sq_of is not None, tuple(param.shape),
            param.dtype, param.device, layout)
-    t_args = (param, grad, dual, tuple(states), tuple(rowwise_flags), packed, layout, g2,
+    t_args = (param, grad, dual, tuple(states), tuple(rowwise_flags), packed, layout, sq_of,
               rule_name, group_by, rowwise, exact)
-    return _run_compiled(_dense_packed_, _dense_, key, False, args, t_args)
+    ok = _run_compiled(_dense_probe_packed_, _dense_probe_, key + ("probe",), False, args, t_args)
+    if not bool(ok):
+        return _dense_(*args)
+    _run_compiled(_dense_fast_packed_, _dense_fast_, key, False, args, t_args)
+    return torch.zeros(to_groups(param, group_by).shape[0], dtype=torch.bool,
+                       device=param.device)
 
 
 def apply_rows_(x2d, idx, g_rows, dual2d, states2d, *, step, hp, rule_name, rowwise=False,
-                exact=False, g2_rows=None, compiled=False, group_size=None, reduce_sum=None):
+                exact=False, sq_rows=None, compiled=False, group_size=None, reduce_sum=None):
     """Algorithm 1 on the rows ``idx`` of group matrices only (lazy row semantics).
 
     Rows not in ``idx`` keep weights, dual and moments unchanged. ``idx`` must be unique and
     ``g_rows`` the summed gradient of each of those rows. Row-wise states are ``[G, 1]`` views.
     ``group_size``/``reduce_sum``: see :func:`group_step` (column shards; eager path only).
+    Returns the mask (over ``idx``) of the rows left unchanged because their result would not
+    be finite.
     """
     if group_size is not None or reduce_sum is not None:
         compiled = False
@@ -338,15 +477,15 @@ def apply_rows_(x2d, idx, g_rows, dual2d, states2d, *, step, hp, rule_name, roww
         if g_rows._base is not None and g_rows._base.is_sparse:  # values() of a sparse grad
             g_rows = g_rows.clone()
         layout, packed = _pack_hp(hp, step, x2d)
-        key = ("rows", rule_name, rowwise, exact, g2_rows is not None, x2d.shape[1], x2d.dtype,
+        key = ("rows", rule_name, rowwise, exact, sq_rows is not None, x2d.shape[1], x2d.dtype,
                x2d.device, layout)
-        eager = (x2d, idx, g_rows, dual2d, tuple(states2d), step, hp, g2_rows, rule_name, rowwise,
+        eager = (x2d, idx, g_rows, dual2d, tuple(states2d), step, hp, sq_rows, rule_name, rowwise,
                  exact)
-        tensors = (x2d, idx, g_rows, dual2d, tuple(states2d), packed, layout, g2_rows, rule_name,
+        tensors = (x2d, idx, g_rows, dual2d, tuple(states2d), packed, layout, sq_rows, rule_name,
                    rowwise, exact)
         return _run_compiled(_rows_packed_, _rows_, key, True, eager, tensors)
-    _rows_(x2d, idx, g_rows, dual2d, tuple(states2d), step, hp, g2_rows, rule_name, rowwise, exact,
-           group_size, reduce_sum)
+    return _rows_(x2d, idx, g_rows, dual2d, tuple(states2d), step, hp, sq_rows, rule_name, rowwise,
+                  exact, group_size, reduce_sum)
 
 
 def accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags=None, *, step, hp, rule_name,
@@ -358,7 +497,8 @@ def accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags=None, *, st
     position of its row in ``idx``; ``g_index``: ``[n, d]`` gradient of each index (already
     scaled by per-sample weights / bag length). Rows not in ``idx`` are untouched. ``flags``
     (``uint8`` per row, optional) is set to 1 for every updated row. The caller checks that the
-    gradients are finite (and their row sums cannot overflow) beforehand: nothing here does.
+    gradients are finite (and their row sums cannot overflow) beforehand. Rows whose result
+    would not be finite are left unchanged (flags included); their mask over ``idx`` is returned.
     ``group_size``/``reduce_sum``: see :func:`group_step` (column shards; eager path only).
     """
     if group_size is not None or reduce_sum is not None:
@@ -371,9 +511,10 @@ def accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags=None, *, st
     key = ("accumulate", rule_name, rowwise, exact, flags is not None, x2d.shape[1], x2d.dtype,
            x2d.device, layout)
     # CPU: the AOTInductor-compiled kernel (no per-call dynamo overhead); else torch.compile
-    if _aot.run_accumulate(key, x2d, idx, inv, g_index, dual2d, states2d, flags, packed, layout,
-                           rule_name, rowwise, exact):
-        return None
+    refused = _aot.run_accumulate(key, x2d, idx, inv, g_index, dual2d, states2d, flags, packed,
+                                  layout, rule_name, rowwise, exact)
+    if refused is not None:
+        return refused
     for t in (x2d, g_index, dual2d, *states2d):  # row counts vary, the width does not
         if 1 not in getattr(t, "_dynamo_static_indices", ()):
             torch._dynamo.mark_static(t, 1)

@@ -4,9 +4,12 @@ Each rule has ``update(g, g2, states, step, hp) -> (m_t, new_states)`` and
 ``sigma(states, step, hp, like) -> sigma_t`` (evaluated on the updated states, so the prox can be
 re-applied later without a gradient), where
 
-- ``g`` is the gradient rows ``[G, d]`` and ``g2`` the quantity the second moment accumulates:
-  ``g*g`` element-wise, its row mean ``[G, 1]`` for a row-wise second moment, or the squared
-  Hutchinson Hessian diagonal ``D_t^2`` for AdaHessian;
+- ``g`` is the gradient rows ``[G, d]`` and ``g2`` what the second moment adds this step,
+  already multiplied by the rule's ``sq_weight`` (Adam's ``1 - beta2``) in ``torch.optim``'s
+  order, ``(w * h) * h``: ``h = g`` element-wise, the row mean ``[G, 1]`` for a row-wise second
+  moment, or the Hutchinson Hessian diagonal ``h = D_t`` for AdaHessian (see
+  ``_functional.second_moment_input``). Weighting before squaring keeps every square that
+  ``torch.optim`` can represent finite here too;
 - ``states`` is the tuple of the rule's state tensors, in the order of ``MomentRule.state_names``;
 - ``step`` is the (global) step ``t >= 1``; ``hp`` the param group's hyperparameters. Both may be
   Python numbers or 0-d tensors;
@@ -56,6 +59,8 @@ class MomentRule:
     sigma: Callable
     #: whether the rule consumes ``g2`` (has a second moment at all)
     uses_g2: bool = True
+    #: ``hp -> w``: the factor of the squares the second moment accumulates (``None``: 1)
+    sq_weight: Callable | None = None
 
 
 def _const_like(value, like):
@@ -132,7 +137,7 @@ def _momentum_sigma(states, step, hp, like):
 
 def _adagrad_update(g, g2, states, step, hp):
     (acc,) = states
-    return g, (acc + g2,)
+    return g, (acc + g2,)  # g2 = g * g
 
 
 def _adagrad_sigma(states, step, hp, like):
@@ -144,7 +149,7 @@ def _adam_update(g, g2, states, step, hp):
     beta1, beta2 = hp["betas"]
     exp_avg, exp_avg_sq = states[:2]
     exp_avg = beta1 * exp_avg + (1.0 - beta1) * g
-    exp_avg_sq = beta2 * exp_avg_sq + (1.0 - beta2) * g2
+    exp_avg_sq = beta2 * exp_avg_sq + g2  # g2 = ((1 - beta2) * g) * g
     return exp_avg / bias_correction(step, hp, 1), (exp_avg, exp_avg_sq)
 
 
@@ -166,6 +171,10 @@ def _adahessian_sigma(states, step, hp, like):
     return ((states[1] / bias_correction(step, hp, 2)) ** (hp["hessian_power"] / 2.0) + hp["eps"]) / hp["lr"]
 
 
+def _one_minus_beta2(hp):
+    return 1.0 - hp["betas"][1]
+
+
 RULES: dict[str, MomentRule] = {
     r.name: r
     for r in (
@@ -173,11 +182,13 @@ RULES: dict[str, MomentRule] = {
         MomentRule("momentum", ("momentum_buffer",), (), _momentum_update, _momentum_sigma,
                    uses_g2=False),
         MomentRule("adagrad", ("sum",), ("sum",), _adagrad_update, _adagrad_sigma),
-        MomentRule("adam", ("exp_avg", "exp_avg_sq"), ("exp_avg_sq",), _adam_update, _adam_sigma),
+        MomentRule("adam", ("exp_avg", "exp_avg_sq"), ("exp_avg_sq",), _adam_update, _adam_sigma,
+                   sq_weight=_one_minus_beta2),
         MomentRule("amsgrad", ("exp_avg", "exp_avg_sq", "max_exp_avg_sq"),
-                   ("exp_avg_sq", "max_exp_avg_sq"), _amsgrad_update, _amsgrad_sigma),
+                   ("exp_avg_sq", "max_exp_avg_sq"), _amsgrad_update, _amsgrad_sigma,
+                   sq_weight=_one_minus_beta2),
         MomentRule("adahessian", ("exp_avg", "exp_hessian_diag_sq"), ("exp_hessian_diag_sq",),
-                   _adam_update, _adahessian_sigma),
+                   _adam_update, _adahessian_sigma, sq_weight=_one_minus_beta2),
     )
 }
 

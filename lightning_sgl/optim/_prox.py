@@ -43,14 +43,22 @@ def group_norm(s: Tensor, sigma: Tensor, lambda2, exact: bool, reduce_sum=None) 
     """Per-row l2 norm used by the group shrink, shape ``[G, 1]``.
 
     ``exact=False``: ``||s||`` (Algorithm 1). ``exact=True``: ``||A^{-1/2} s||`` with
-    ``A = sigma/2 + lambda2`` (the true minimiser of objective (6)). ``reduce_sum``, if given, sums
-    the per-row partial squared norms over the pieces of a row held elsewhere (column shards).
+    ``A = sigma/2 + lambda2`` (the true minimiser of objective (6)); a coordinate with ``A = 0``
+    (``eps = 0`` and no gradient yet: then ``s = 0`` there) contributes 0. ``reduce_sum``, if
+    given, sums the per-row partial squared norms over the pieces of a row held elsewhere
+    (column shards).
+
+    Overflow: a group whose sum of squares exceeds the float range (``|s|`` beyond ~1.8e19 in
+    float32, ~1.3e154 in float64) has norm ``inf``; :func:`group_shrink` gives it the factor 1,
+    which is what ``1 - t/norm`` rounds to whenever ``t = sqrt(d) lambda21`` is below
+    ``2^-24 * norm`` (float32): exact for every ``lambda21`` below ~1e12. The prox stays finite.
     """
     if exact:
-        s = s / torch.sqrt(sigma * 0.5 + lambda2)
-    if reduce_sum is None:
-        return torch.linalg.vector_norm(s, dim=1, keepdim=True)
-    return torch.sqrt(reduce_sum(torch.sum(s * s, dim=1, keepdim=True)))
+        a = sigma * 0.5 + lambda2
+        s = torch.where(a > 0, s / torch.sqrt(torch.where(a > 0, a, torch.ones_like(a))),
+                        torch.zeros_like(s))
+    sq = torch.sum(s * s, dim=1, keepdim=True)
+    return torch.sqrt(sq if reduce_sum is None else reduce_sum(sq))
 
 
 def group_shrink(norm: Tensor, lambda21, group_size) -> Tensor:
@@ -58,28 +66,41 @@ def group_shrink(norm: Tensor, lambda21, group_size) -> Tensor:
 
     ``group_size`` is ``d`` (a number, or a ``[G, 1]`` tensor when rows differ). Written with
     ``where`` so that ``lambda21 == 0`` gives exactly 1 (also for a group whose norm underflows to
-    0) and no NaN appears for an all-zero group.
+    0), no NaN appears for an all-zero group, and an infinite norm (a float64 group beyond the
+    float range) gives 1. Computed in ``norm``'s dtype; the factor is in ``[0, 1]``.
     """
     threshold = group_size**0.5 * lambda21
     # (norm - t) / norm, not 1 - t / norm: a Python-number t / tensor is computed as
     # t * reciprocal(norm), which is 0 * inf = NaN for a subnormal norm
-    return torch.where(norm > threshold, (norm - threshold) / norm,
-                       torch.zeros_like(norm) + (threshold == 0))
+    factor = torch.where(torch.isinf(norm), torch.ones_like(norm), (norm - threshold) / norm)
+    return torch.where(norm > threshold, factor, torch.zeros_like(norm) + (threshold == 0))
 
 
 def prox(z: Tensor, sigma: Tensor, lambda1, lambda21, lambda2, exact: bool = False,
-         group_size=None, reduce_sum=None) -> Tensor:
+         group_size=None, reduce_sum=None, x_prev: Tensor | None = None) -> Tensor:
     """Lines 7-10 of Algorithm 1: ``x_{t+1}`` from the dual ``z_t`` and ``sigma_t = sqrt(V_t)/alpha_t``.
 
     ``z`` is ``[G, d]`` (rows are groups); ``sigma`` broadcasts to it (``[G, d]`` element-wise or
     ``[G, 1]`` row-wise second moment). ``group_size`` defaults to ``d``; a column shard of a
     table passes the full row width and a ``reduce_sum`` that adds the other shards' partial
     squared norms, so the shrink equals the unsharded one. Returns the new weights ``[G, d]``.
+
+    A coordinate with ``sigma + 2*lambda2 = 0`` (only with ``eps = 0``, before its first
+    gradient: then ``z = 0``) takes the limit of the step as ``eps -> 0+``: ``x_prev`` (the
+    current weight, ``x_t``) times its row's shrink factor if ``lambda1 == 0``, else 0 (without
+    ``x_prev``: 0). With all lambdas 0 the coordinate keeps its value, as ``torch.optim`` does.
+    For finite inputs the shrink factor is finite, in ``[0, 1]`` (see :func:`group_norm`).
     """
     s = soft_threshold(z, lambda1)
     norm = group_norm(s, sigma, lambda2, exact, reduce_sum)
+    factor = group_shrink(norm, lambda21, z.shape[1] if group_size is None else group_size)
     denom = sigma + 2.0 * lambda2
-    x = s * group_shrink(norm, lambda21, z.shape[1] if group_size is None else group_size) / denom
-    # sigma + 2*lambda2 is 0 only for eps=0 and a coordinate that never had a gradient (then s=0):
-    # define x = 0 there instead of 0/0, so that no NaN enters a table.
-    return torch.where(denom > 0, x, torch.zeros_like(x))
+    x = s * factor / torch.where(denom > 0, denom, torch.ones_like(denom))
+    if x_prev is None:
+        fallback = torch.zeros_like(x)
+    else:
+        no_l1 = lambda1 == 0
+        fallback = factor * x_prev if no_l1 is True else (
+            torch.zeros_like(x) if no_l1 is False else
+            torch.where(no_l1, factor * x_prev, torch.zeros_like(x)))
+    return torch.where(denom > 0, x, fallback)

@@ -224,7 +224,7 @@ class GroupAdaHessian(_AdamFamily):
         for p in params:
             p.grad = p.grad.detach()
         with torch.no_grad():
-            self._update(work, {p: d * d for p, d in zip(params, diag)})
+            self._update(work, dict(zip(params, diag)))
         return loss
 
     def state_dict(self):

@@ -1,5 +1,6 @@
 """Shared model, data and loss for the optimizer tests."""
 
+import copy
 
 import torch
 
@@ -17,6 +18,16 @@ class TinyCTR(torch.nn.Module):
 
     def forward(self, ids):
         return self.net(ids)
+
+
+def twin(model: TinyCTR) -> TinyCTR:
+    """A deep copy with its embedding table marked again (``copy.deepcopy`` of a Parameter keeps
+    its data only, not the ``mark_embedding`` attribute)."""
+    from lightning_sgl.optim import mark_embedding
+
+    out = copy.deepcopy(model)
+    mark_embedding(out.net.embedding)
+    return out
 
 
 def batches(n_steps, batch=12, seed=1, vocab=(7, 5, 9), touch_all_first=False):

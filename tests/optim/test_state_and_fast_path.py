@@ -7,7 +7,7 @@ import torch
 
 from lightning_sgl.optim import GroupAdagrad, GroupAdam, _functional
 
-from .helpers import TinyCTR, batches, loss_fn, train_steps
+from .helpers import TinyCTR, batches, loss_fn, train_steps, twin
 from .infos import FIRST_ORDER
 
 LAMBDAS = dict(lambda1=1e-3, lambda21=3e-2, lambda2=1e-3)
@@ -63,7 +63,7 @@ def test_compiled_path_equals_eager(cls, kw, sparse, fresh_dynamo):
     """The torch.compile'd path runs the same math; params and every state agree."""
     data = batches(8)
     eager = TinyCTR(sparse=sparse)
-    fast = copy.deepcopy(eager)
+    fast = twin(eager)
     oe = cls(eager.parameters(), **kw, **LAMBDAS)
     of = cls(fast.parameters(), **kw, **LAMBDAS, compiled=True)
     for t, (ids, y) in enumerate(data):
