@@ -143,15 +143,21 @@ class CTRModule(pl.LightningModule):
         dense_optimizer: ``"adam"`` or ``"adagrad"`` for the dense part.
         sparse: sparse gradients for the ``mlp`` model's table.
         seed: seed of the weight initialisation.
+        lr_decay_gamma: if set, ``ExponentialLR(gamma)`` stepped every optimizer step, on every
+            param group (the tables' fused optimizer and the dense part alike).
     """
 
     def __init__(self, vocab_sizes: list[int], model: str = "dlrm", dim: int = 8,
                  lr: float = 1e-2, dense_optimizer: str = "adam", sparse: bool = True,
-                 seed: int = 0) -> None:
+                 seed: int = 0, lr_decay_gamma: float | None = None) -> None:
         super().__init__()
         valid = ("dlrm", "dcn", "mlp")
         if model not in valid:
             raise ValueError(f"Invalid model: {model!r} (valid options: {', '.join(valid)})")
+        if lr_decay_gamma is not None and (isinstance(lr_decay_gamma, bool) or not isinstance(
+                lr_decay_gamma, (int, float)) or not 0.0 < lr_decay_gamma <= 1.0):
+            raise ValueError(f"Invalid lr_decay_gamma: {lr_decay_gamma!r} (valid range: "
+                             "0 < gamma <= 1, or None)")
         if dense_optimizer not in ("adam", "adagrad"):
             raise ValueError(f"Invalid dense_optimizer: {dense_optimizer!r} (valid options: "
                              "'adam', 'adagrad')")
@@ -196,4 +202,9 @@ class CTRModule(pl.LightningModule):
 
     def configure_optimizers(self) -> Any:
         dense = torch.optim.Adam if self.hparams.dense_optimizer == "adam" else torch.optim.Adagrad
-        return group_optimizers(self, dense=dense, lr=self.hparams.lr)
+        opt = group_optimizers(self, dense=dense, lr=self.hparams.lr)
+        gamma = self.hparams.get("lr_decay_gamma")
+        if gamma is None:
+            return opt
+        sched = torch.optim.lr_scheduler.ExponentialLR(opt, gamma=gamma)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}

@@ -127,7 +127,11 @@ def _fused_optimizer(module: nn.Module):
             opt = m.fused_optimizer
             if opt.params:
                 parts.append((name, opt))
-    return CombinedOptimizer(parts) if parts else None
+    if not parts:
+        return None
+    combined = CombinedOptimizer(parts)
+    combined.save_param_groups(True)  # lr after schedulers, lambdas: part of every checkpoint
+    return combined
 
 
 def group_optimizers(module: nn.Module, dense: Any = torch.optim.Adam,

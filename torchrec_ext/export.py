@@ -83,12 +83,31 @@ def save_compact(tables: dict[str, CompactTable], path: str) -> dict[str, int]:
 
 
 def load_compact(path: str) -> CompactEmbeddingBagCollection:
-    payload = torch.load(path, weights_only=True)
-    if payload.get("format") != FORMAT:
-        raise ValueError(f"Invalid compact file {path!r}: format {payload.get('format')!r} "
-                         f"(expected {FORMAT!r})")
-    return CompactEmbeddingBagCollection({n: CompactTable(**t) for n, t in
-                                          payload["tables"].items()})
+    """Read a file written by :func:`save_compact`; a file that is not one (garbage, truncated,
+    another format, inconsistent tables) raises ``ValueError`` naming the path."""
+    try:
+        payload = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        raise
+    except Exception as err:  # unpickling errors of every kind
+        raise ValueError(f"Invalid compact file {path!r}: not readable ({type(err).__name__}: "
+                         f"{str(err)[:200]})") from err
+    if not isinstance(payload, dict) or payload.get("format") != FORMAT:
+        fmt = payload.get("format") if isinstance(payload, dict) else type(payload).__name__
+        raise ValueError(f"Invalid compact file {path!r}: format {fmt!r} (expected {FORMAT!r})")
+    tables = {}
+    for name, t in payload.get("tables", {}).items():
+        ids, w = t.get("ids"), t.get("weights")
+        if not (torch.is_tensor(ids) and torch.is_tensor(w) and ids.dim() == 1 and w.dim() == 2
+                and len(ids) == len(w)):
+            raise ValueError(f"Invalid compact file {path!r}: table {name!r} needs ids [n] and "
+                             "weights [n, dim] of the same length")
+        if len(ids) and (bool((ids[1:] <= ids[:-1]).any()) or int(ids[0]) < 0
+                         or int(ids[-1]) >= int(t["num_embeddings"])):
+            raise ValueError(f"Invalid compact file {path!r}: table {name!r} ids must be strictly "
+                             f"increasing in [0, {t['num_embeddings']})")
+        tables[name] = CompactTable(**t)
+    return CompactEmbeddingBagCollection(tables)
 
 
 class CompactEmbeddingBagCollection(nn.Module):

@@ -35,6 +35,11 @@ from .kernel import GroupTBE
 __all__ = ["GroupFusedOptimizer"]
 
 
+def _shape(t) -> tuple | None:
+    """Global shape of a tensor or ShardedTensor (``None`` for anything else)."""
+    return tuple(t.size()) if isinstance(t, (torch.Tensor, ShardedTensor)) else None
+
+
 def _sharded(local: list[Shard], meta: ShardedTensorMetadata, pg) -> ShardedTensor:
     return ShardedTensor._init_from_local_shards_and_global_metadata(
         local_shards=local, sharded_tensor_metadata=meta, process_group=pg)
@@ -107,6 +112,35 @@ class GroupFusedOptimizer(FusedOptimizer):
         return _sharded(mine, meta, self._pg)
 
     # ------------------------------------------------------------------ FusedOptimizer API
+    def load_state_dict(self, state_dict) -> None:
+        """``KeyedOptimizer.load_state_dict`` after checking, before any copy, that every table
+        has exactly this kernel's states (optimizer type, element-wise vs row-wise) with the same
+        global shapes; a mismatch raises ``ValueError`` naming the table and state."""
+        saved = state_dict.get("state") if isinstance(state_dict, dict) else None
+        if saved is None:
+            raise ValueError("Invalid state_dict for the fused Group optimizer: no 'state'")
+        for key, param in self.params.items():
+            mine = self.state.get(param, {})
+            theirs = saved.get(key)
+            if theirs is None:
+                raise ValueError(f"Invalid state_dict for the fused Group optimizer: no state for "
+                                 f"{key!r} (has {sorted(saved)[:4]})")
+            if set(theirs) != set(mine):
+                raise ValueError(
+                    f"Invalid state_dict for the fused Group optimizer ({self._kernel.optimizer}"
+                    f"{', row-wise' if self._kernel.rowwise else ''}): {key!r} has states "
+                    f"{sorted(theirs)}, expected {sorted(mine)} (saved by another optimizer "
+                    "type or layout?)")
+            for name, value in mine.items():
+                if _shape(value) is None:
+                    continue
+                got = _shape(theirs[name])
+                if got != _shape(value):
+                    raise ValueError(
+                        f"Invalid state_dict for the fused Group optimizer: {name!r} has shape "
+                        f"{got}, expected {_shape(value)}")
+        super().load_state_dict(state_dict)
+
     def _push(self) -> None:
         self._kernel.update_hyper_parameters(self.param_groups[0])
 

@@ -34,7 +34,7 @@ from .embedding import GROUP_OPTIMIZER_TAG, GroupFusedEmbeddingBag, is_group_fus
 from .kernel import FUSED_RULES, GroupTBE
 
 __all__ = ["apply_group_optimizer", "group_sharders", "GroupEmbeddingBagCollectionSharder",
-           "ShardedGroupEmbeddingBagCollection", "group_kernels"]
+           "ShardedGroupEmbeddingBagCollection", "group_kernels", "is_group_tagged"]
 
 _OPTION_KEYS = ("lr", "lambda1", "lambda21", "lambda2", "betas", "eps", "momentum", "lr_decay",
                 "initial_accumulator_value", "rowwise", "exact_group_norm", "nonfinite",
@@ -74,19 +74,27 @@ def apply_group_optimizer(ebc: EmbeddingBagCollection, optimizer_cls: type[Group
     unknown = [t for t in [*chosen, *per_table] if t not in params]
     if unknown:
         raise ValueError(f"Invalid tables: {unknown} not in the collection (valid: {list(params)})")
-    for name in chosen:
+    tags = {}
+    for name in chosen:  # validate every table first: a refused call tags nothing
         kw = {**kwargs, **per_table.get(name, {})}
         bad = [k for k in kw if k not in _OPTION_KEYS]
         if bad:
             raise ValueError(f"Invalid arguments {bad} for a fused {optimizer_cls.__name__} "
                              f"(valid: {', '.join(_OPTION_KEYS)})")
-        p = params[name]
-        opt = optimizer_cls([p], group_by="row", **kw)  # validates every value
+        opt = optimizer_cls([params[name]], group_by="row", **kw)  # validates every value
         defaults = {k: v for k, v in opt.defaults.items() if k in _OPTION_KEYS}
+        tags[name] = (opt, {"optimizer": GROUP_OPTIMIZER_TAG, "sgl_optimizer": rule, **defaults})
+    for name, (opt, fused_kwargs) in tags.items():
+        p = params[name]
         p._in_backward_optimizers = [opt]
         p._optimizer_classes = [optimizer_cls]
-        p._optimizer_kwargs = [{"optimizer": GROUP_OPTIMIZER_TAG, "sgl_optimizer": rule,
-                                **defaults}]
+        p._optimizer_kwargs = [fused_kwargs]
+
+
+def is_group_tagged(param) -> bool:
+    """Whether ``param`` was tagged by :func:`apply_group_optimizer`."""
+    return any((kw or {}).get("optimizer") == GROUP_OPTIMIZER_TAG
+               for kw in getattr(param, "_optimizer_kwargs", None) or [])
 
 
 @contextlib.contextmanager
@@ -112,6 +120,17 @@ class ShardedGroupEmbeddingBagCollection(ShardedEmbeddingBagCollection):
     """``ShardedEmbeddingBagCollection`` whose fused Group tables run :class:`GroupTBE`."""
 
     def __init__(self, module, table_name_to_parameter_sharding, env, *args, **kwargs) -> None:
+        params = {n.split(".")[0]: p for n, p in module.embedding_bags.named_parameters()}
+        dp = sorted(n for n, ps in table_name_to_parameter_sharding.items()
+                    if ps.sharding_type == ShardingType.DATA_PARALLEL.value
+                    and n in params and is_group_tagged(params[n]))
+        if dp:
+            raise ValueError(
+                f"Invalid sharding plan: table(s) {dp} are tagged for a fused Group optimizer but "
+                "planned data_parallel, where only a dense optimizer could train them (and the "
+                "group lasso would not act). Plan them table_wise, row_wise, column_wise or "
+                "table_row_wise (the Group sharder's planner never picks data_parallel), or do "
+                "not tag them and train them with the torch.optim Group optimizer.")
         super().__init__(module, table_name_to_parameter_sharding, env, *args, **kwargs)
         self._setup_column_groups(table_name_to_parameter_sharding, env)
 
@@ -157,7 +176,10 @@ class GroupEmbeddingBagCollectionSharder(EmbeddingBagCollectionSharder):
             qcomm_codecs_registry=self.qcomm_codecs_registry, module_fqn=module_fqn)
 
     def sharding_types(self, compute_device_type: str) -> list[str]:
-        return [ShardingType.DATA_PARALLEL.value, ShardingType.TABLE_WISE.value,
+        """Every model-parallel sharding type, on CPU too. Not ``data_parallel``: a tagged table
+        placed there would lose its fused Group optimizer (TorchRec's planner picks it for
+        small tables); an explicit plan that asks for it is refused with a clear error."""
+        return [ShardingType.TABLE_WISE.value,
                 ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value,
                 ShardingType.ROW_WISE.value, ShardingType.TABLE_ROW_WISE.value]
 

@@ -32,6 +32,14 @@ def _ebcs(module: nn.Module):
     return [(n, m) for n, m in module.named_modules() if isinstance(m, EmbeddingBagCollection)]
 
 
+def _sharded_group_tables(module: nn.Module) -> bool:
+    try:
+        from torchrec_ext.feature_rate import group_modules
+    except ImportError:  # pragma: no cover - TorchRec not installed
+        return False
+    return bool(group_modules(module))
+
+
 def _plain_tables(module: nn.Module):
     return [(n, m) for n, m in module.named_modules()
             if isinstance(m, (nn.Embedding, nn.EmbeddingBag))]
@@ -86,6 +94,8 @@ class GroupLasso(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         ebcs = _ebcs(pl_module)
         plain = _plain_tables(pl_module)
+        if not ebcs and _sharded_group_tables(pl_module):
+            return  # an earlier stage of this Trainer (fit before validate) already sharded them
         if not ebcs and not plain:
             raise ValueError("GroupLasso: the LightningModule has no EmbeddingBagCollection, "
                              "nn.Embedding or nn.EmbeddingBag to regularise")

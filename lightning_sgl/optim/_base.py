@@ -175,6 +175,66 @@ class GroupOptimizer(Optimizer):
             hp["lambda1"] = hp["lambda2"] = 0.0
         return hp
 
+    def _state_shapes(self, p: Tensor, group: dict, name: str | None) -> dict[str, tuple]:
+        """The shape of every state tensor of ``p`` under ``group``'s settings (``seen``, if
+        tracked, is one byte per row)."""
+        rule = get_rule(self.rule)
+        gb = resolve_group_by(p, group["group_by"], name)
+        n_groups = to_groups(p, gb).shape[0]
+        shapes = {"step": (), "dual": tuple(p.shape)}
+        for n in rule.state_names:
+            rw = group["rowwise"] and n in rule.second_moment_names
+            shapes[n] = (n_groups,) if rw else tuple(p.shape)
+        return shapes
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """``torch.optim.Optimizer.load_state_dict``, after checking that ``state_dict`` comes
+        from this optimizer type with these parameters: every hyperparameter present, the state
+        names of this optimizer's rule and their shapes. A mismatch raises ``ValueError`` naming
+        it, and nothing is loaded."""
+        groups = state_dict.get("param_groups") if isinstance(state_dict, dict) else None
+        if groups is None or "state" not in state_dict:
+            raise ValueError(f"Invalid state_dict for {type(self).__name__}: expected the keys "
+                             "'state' and 'param_groups'")
+        if len(groups) != len(self.param_groups):
+            raise ValueError(f"Invalid state_dict for {type(self).__name__}: {len(groups)} param "
+                             f"groups, this optimizer has {len(self.param_groups)}")
+        rule = get_rule(self.rule)
+        by_index = {}
+        for gi, (saved, current) in enumerate(zip(groups, self.param_groups)):
+            missing = sorted(k for k in self.defaults if k not in saved)
+            if missing:
+                raise ValueError(
+                    f"Invalid state_dict for {type(self).__name__}: param group {gi} has no "
+                    f"{', '.join(missing)} (it was saved by another optimizer type?)")
+            if len(saved["params"]) != len(current["params"]):
+                raise ValueError(
+                    f"Invalid state_dict for {type(self).__name__}: param group {gi} holds "
+                    f"{len(saved['params'])} parameters, this optimizer's holds "
+                    f"{len(current['params'])}")
+            merged = {**current, **{k: v for k, v in saved.items() if k != "params"}}
+            for idx, (p, name) in zip(saved["params"], self._named(current)):
+                by_index[idx] = (p, name, merged)
+        for idx, st in state_dict["state"].items():
+            if idx not in by_index:
+                raise ValueError(f"Invalid state_dict for {type(self).__name__}: state for "
+                                 f"parameter index {idx!r}, which no param group lists")
+            p, name, group = by_index[idx]
+            shapes = self._state_shapes(p, group, name)
+            label = name or f"parameter {idx} {tuple(p.shape)}"
+            want = set(shapes) | ({"seen"} if "seen" in st else set())
+            if set(st) != want:
+                raise ValueError(
+                    f"Invalid state_dict for {type(self).__name__} ({rule.name}): {label} has "
+                    f"states {sorted(st)}, expected {sorted(want)}")
+            for key, shape in {**shapes, **({"seen": (p.shape[0],)} if "seen" in st else {})}.items():
+                got = tuple(st[key].shape) if torch.is_tensor(st[key]) else None
+                if got != shape:
+                    raise ValueError(
+                        f"Invalid state_dict for {type(self).__name__}: {label} state "
+                        f"{key!r} has shape {got}, expected {shape}")
+        super().load_state_dict(state_dict)
+
     def _init_state(self, p: Tensor, group_by: str, rowwise: bool) -> dict:
         rule = get_rule(self.rule)
         state = self.state[p]

@@ -25,6 +25,9 @@ def gather_tables(trainer, module) -> dict:
         else:
             out[k] = v.detach().clone()
     opt_sd = trainer.optimizers[0].state_dict()
+    dmp = getattr(trainer.strategy, "dmp", None)
+    if "fused" not in opt_sd and dmp is not None:  # no fused part returned: read it from DMP
+        opt_sd = {"fused": dmp.fused_optimizer.state_dict(), "dense": opt_sd}
     fused = opt_sd.get("fused")
     if fused:
         for _param_key, states in fused["state"].items():
@@ -41,19 +44,52 @@ def gather_tables(trainer, module) -> dict:
     return out
 
 
-def main(out_dir: str, cfg: dict) -> None:
-    from lightning_sgl import GroupAdagrad, GroupAdam, GroupLasso, SparsityMonitor, TorchRecStrategy
-    from lightning_sgl.ctr import CTRDataModule, CTRModule
+def _module(cfg: dict, vocab_sizes):
+    from lightning_sgl.ctr import CTRModule
 
+    class PlainAdamModule(CTRModule):
+        """``configure_optimizers`` returns a plain torch.optim.Adam over ``self.parameters()``:
+        the fused tables' state is not in it (the strategy must save it anyway)."""
+
+        def configure_optimizers(self):
+            return torch.optim.Adam(self.parameters(), lr=self.hparams.lr)
+
+    cls = PlainAdamModule if cfg.get("plain_optimizer") else CTRModule
+    return cls(vocab_sizes, model=cfg.get("model", "dlrm"), dim=cfg.get("dim", 8),
+               lr=cfg.get("lr", 1e-2), lr_decay_gamma=cfg.get("gamma"))
+
+
+def _trainer(cfg: dict, out_dir: str, callbacks: list, plan=None):
+    from lightning_sgl import TorchRecStrategy
+
+    strategy = TorchRecStrategy(plan=plan) if cfg.get("strategy", "torchrec") == "torchrec" \
+        else "ddp"
+    return pl.Trainer(accelerator="cpu", devices=cfg.get("devices", 2), strategy=strategy,
+                      max_epochs=cfg.get("epochs", 1), max_steps=cfg.get("max_steps", -1),
+                      callbacks=callbacks, default_root_dir=out_dir, logger=True,
+                      enable_progress_bar=False, enable_model_summary=False,
+                      log_every_n_steps=cfg.get("log_every", 5),
+                      num_sanity_val_steps=0, limit_val_batches=cfg.get("val_batches", 4),
+                      deterministic=True)
+
+
+def main(out_dir: str, cfg: dict) -> None:
+    from lightning_sgl import GroupAdagrad, GroupAdam, GroupLasso, SparsityMonitor
+    from lightning_sgl.ctr import CTRDataModule
+
+    if cfg.get("fault"):
+        from . import faults
+
+        faults.install(cfg["fault"], int(os.environ.get("LOCAL_RANK", "0")))
     pl.seed_everything(cfg.get("seed", 0), workers=True)
     torch.set_num_threads(1)
     dm = CTRDataModule(kjt=cfg.get("model", "dlrm") != "mlp", batch_size=cfg.get("batch", 128),
                        num_samples=cfg.get("samples", 8_000), vocab_size=cfg.get("vocab", 500),
                        num_fields=cfg.get("fields", 4))
-    module = CTRModule(dm.vocab_sizes, model=cfg.get("model", "dlrm"), dim=cfg.get("dim", 8),
-                       lr=cfg.get("lr", 1e-2))
+    module = _module(cfg, dm.vocab_sizes)
     opt_cls = {"adam": GroupAdam, "adagrad": GroupAdagrad}[cfg.get("opt", "adam")]
-    callbacks = [GroupLasso(opt_cls, **cfg.get("group", {"lr": 0.02, "lambda21": 2e-3}))]
+    group_kw = cfg.get("group", {"lr": 0.02, "lambda21": 2e-3})
+    callbacks = [GroupLasso(opt_cls, **group_kw)]
     monitor = None
     if cfg.get("monitor", True):
         monitor = SparsityMonitor(target_feature_rate=cfg.get("target"),
@@ -70,27 +106,37 @@ def main(out_dir: str, cfg: dict) -> None:
     if ckpt_dir:
         callbacks.append(pl.callbacks.ModelCheckpoint(dirpath=ckpt_dir, save_last=True,
                                                       save_top_k=-1, every_n_epochs=1))
-    if cfg.get("strategy", "torchrec") == "torchrec":
-        plan = None
-        if cfg.get("plan"):
-            plan = _plan(module, cfg["plan"], cfg.get("devices", 2))
-        strategy = TorchRecStrategy(plan=plan)
-    else:
-        strategy = "ddp"
-    trainer = pl.Trainer(accelerator="cpu", devices=cfg.get("devices", 2), strategy=strategy,
-                         max_epochs=cfg.get("epochs", 1), max_steps=cfg.get("max_steps", -1),
-                         callbacks=callbacks, default_root_dir=out_dir, logger=True,
-                         enable_progress_bar=False, enable_model_summary=False,
-                         log_every_n_steps=cfg.get("log_every", 5),
-                         num_sanity_val_steps=0, limit_val_batches=cfg.get("val_batches", 4),
-                         deterministic=True)
+    step_ckpt = cfg.get("step_ckpt")  # {"dir": ..., "keep": "last" | "all"}: save every step
+    if step_ckpt:
+        keep_all = step_ckpt.get("keep") == "all"
+        callbacks.append(pl.callbacks.ModelCheckpoint(
+            dirpath=step_ckpt["dir"], filename="{step}", every_n_train_steps=1,
+            save_last=not keep_all, save_top_k=-1 if keep_all else 0))
+    plan = _plan(module, cfg["plan"], cfg.get("devices", 2)) if cfg.get("plan") else None
+    trainer = _trainer(cfg, out_dir, callbacks, plan)
     trainer.fit(module, datamodule=dm, ckpt_path=cfg.get("resume"))
     tables = gather_tables(trainer, module)
+    validated = {}
+    if cfg.get("validate"):  # the trained model, then ckpt_path= on this and on a fresh Trainer
+        validated["trained"] = trainer.validate(module, datamodule=dm, verbose=False)[0]
+        path = cfg["validate"]
+        validated["after_fit"] = trainer.validate(module, datamodule=dm, ckpt_path=path,
+                                                  verbose=False)[0]
+        fresh_module = _module(cfg, dm.vocab_sizes)
+        with torch.no_grad():  # other weights than the checkpoint's: the load must replace them
+            for p in fresh_module.net.top.parameters():
+                p.normal_()
+        fresh = _trainer(cfg, out_dir, [GroupLasso(opt_cls, **group_kw)], plan)
+        validated["fresh"] = fresh.validate(fresh_module, datamodule=dm, ckpt_path=path,
+                                            verbose=False)[0]
     if trainer.is_global_zero:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        opt = trainer.optimizers[0]
         result = {"metrics": metrics, "training_step_calls": module.training_step_calls,
-                  "closure_calls": trainer.optimizers[0].closure_calls,
+                  "closure_calls": getattr(opt, "closure_calls", None),
                   "global_step": trainer.global_step,
+                  "lrs": [float(g["lr"]) for g in opt.param_groups],
+                  "validated": validated,
                   "lambda21": monitor.lambda21 if monitor else None,
                   "history": monitor.history if monitor else None,
                   "plot": monitor.plot_path if monitor else None,
