@@ -1,43 +1,61 @@
-"""Fused table step time (forward + backward + update) vs FBGEMM's own fused CPU kernels.
+"""Fused-table step time (forward + backward + update) against FBGEMM's own fused CPU kernels.
 
-8 tables x 100k rows x dim 16, batch 512, 1 id per feature, one thread, one process. Prints each
-Group kernel's time divided by FBGEMM ``EXACT_ADAGRAD`` and ``EXACT_ROWWISE_ADAGRAD`` on the same
-tables and ids, and the optimizer-state bytes per row.
+Workloads (one thread, one process, every kernel on the same tables and ids, the runs taking
+turns chunk by chunk so that machine noise hits all alike):
 
-    python benchmarks/bench_fused.py [--iters 200] [--rounds 10] [--threads 1] [--eager]
+- ``ctr`` (default): 4 tables x dim 16, batch 512, multi-hot bags (Poisson(4) ids per bag, so
+  mean 4 and ~2% empty bags), heavy-tailed ids (Zipf(1.1) ranks mapped to random rows), swept
+  over 1e5, 1e6 and 4e6 rows per table;
+- ``uniform``: 8 tables x 100k rows x dim 16, batch 512, one uniform id per bag (the old one).
 
-The Group kernels run with their default ``compiled=None``, which compiles the update for tables
-this size (see ``torchrec_ext.kernel.COMPILE_MIN_WEIGHTS``); ``--eager`` adds the eager ground
-truth (``compiled=False``).
+For each size it prints every kernel's step time divided by FBGEMM ``EXACT_ROWWISE_ADAGRAD`` and
+``EXACT_ADAGRAD``; the Group kernels also with a per-table lambda21 set on every table (the same
+kernel, divided by its time with one global lambda21); and the update phase alone (the native
+backward op, after a forward) divided by a plain gather + scatter (``index_select`` +
+``index_copy_``) of the same unique rows of the weights and every state array.
 
-The runs take turns in rounds (``--rounds``) so that machine noise affects all of them alike.
+    python benchmarks/bench_fused.py [--workload ctr|uniform] [--sizes 100000 1000000 4000000]
+                                     [--iters 120] [--rounds 12] [--eager]
 """
 
 from __future__ import annotations
 
 import argparse
+import gc
 import statistics
 import time
 
+import numpy as np
 import torch
-from fbgemm_gpu.split_embedding_configs import EmbOptimType as OptimType
-from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
-from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
-    ComputeDevice,
-    SplitTableBatchedEmbeddingBagsCodegen,
-)
 
 from torchrec_ext import GroupTBE, TableSpec
+from torchrec_ext.kernel import native
 
 
-def batches(n, tables, rows, batch, seed=0):
-    gen = torch.Generator().manual_seed(seed)
+def ctr_batches(n, tables, rows, batch, dim, mean_len=4.0, zipf=1.1, seed=0):
+    """Multi-hot bags with heavy-tailed ids (see the module docstring); TBE layout."""
+    rng = np.random.default_rng(seed)
+    perms = [rng.permutation(rows) for _ in range(tables)]
     out = []
     for _ in range(n):
-        indices = torch.randint(0, rows, (tables * batch,), generator=gen)
-        offsets = torch.arange(tables * batch + 1)
-        out.append((indices, offsets, torch.randn(batch, tables * 16, generator=gen)))
+        lengths = rng.poisson(mean_len, size=(tables, batch))
+        idx = []
+        for t in range(tables):
+            ranks = (rng.zipf(zipf, size=int(lengths[t].sum())) - 1) % rows
+            idx.append(perms[t][ranks])
+        lengths = torch.from_numpy(lengths.reshape(-1))
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        indices = torch.from_numpy(np.concatenate(idx)).long()
+        out.append((indices, offsets, torch.from_numpy(
+            rng.standard_normal((batch, tables * dim), dtype=np.float32))))
     return out
+
+
+def uniform_batches(n, tables, rows, batch, dim, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randint(0, rows, (tables * batch,), generator=gen),
+             torch.arange(tables * batch + 1), torch.randn(batch, tables * dim, generator=gen))
+            for _ in range(n)]
 
 
 def step_times(fn, data):
@@ -50,82 +68,160 @@ def step_times(fn, data):
 
 
 def time_all(runs: dict, data, warmup: int, rounds: int) -> dict:
-    """Median step time of each run. The timed steps are split into ``rounds`` chunks and the
-    runs take turns chunk by chunk, so that a slow spell of the machine hits all of them alike
-    (the ratios are what is reported)."""
-    for fn, _ in runs.values():
+    """Median step time of each run; the timed steps are split into ``rounds`` chunks and the runs
+    take turns chunk by chunk (a slow spell of the machine hits all of them alike)."""
+    for fn, _, setup in runs.values():
+        setup()
         step_times(fn, data[:warmup])
     timed = data[warmup:]
     size = max(1, len(timed) // rounds)
     times = {name: [] for name in runs}
     for start in range(0, len(timed), size):
-        for name, (fn, _) in runs.items():
+        for name, (fn, _, setup) in runs.items():
+            setup()
             times[name] += step_times(fn, timed[start:start + size])
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def update_phase(kernel: GroupTBE, data, reps: int) -> tuple[float, float]:
+    """Median time of the native update op alone and of a plain gather + scatter of the same
+    unique rows of the weights and every state array (each measured right after a forward)."""
+    lay = kernel.layout
+    st = kernel.native_static()
+    bufs = [kernel.weights, kernel.dual, *(getattr(kernel, n) for n in kernel.state_names),
+            kernel.seen]
+    widths = [lay.tables[0].local_cols] * 2 + [
+        1 if kernel.is_rowwise(n) else lay.tables[0].local_cols for n in kernel.state_names] + [1]
+    views = [b.view(-1, w) for b, w in zip(bufs, widths)]
+    t_op, t_gs = [], []
+    for indices, offsets, target in data[:reps]:
+        batch = (offsets.numel() - 1) // len(kernel.feature_table_map)
+        feature = torch.arange(len(kernel.feature_table_map)).repeat_interleave(batch)
+        table = torch.tensor(kernel.feature_table_map)[feature]
+        base = torch.tensor(lay.row_offsets)[table]
+        rows = torch.repeat_interleave(base, offsets[1:] - offsets[:-1]) + indices
+        uniq = torch.unique(rows)
+        with torch.no_grad():
+            kernel(indices, offsets)
+        hp = kernel.current_hyperparameters()
+        mat = kernel.native_hp(hp).at(float(kernel.step.item()) + 1)
+        t0 = time.perf_counter()
+        native.backward(target, indices, offsets, None, st["ftm"], st["fcol"], lay.native_tables,
+                        kernel.weights, kernel.dual, [getattr(kernel, n) for n in
+                                                      kernel.state_names], st["rowwise"],
+                        kernel.seen, mat, kernel.feature_counts_state.counts,
+                        rule=kernel.optimizer, rowwise=kernel.rowwise, exact=kernel.exact,
+                        mean=kernel.pooling == "mean", skip=False)
+        t_op.append(time.perf_counter() - t0)
+        kernel.step += 1
+        with torch.no_grad():
+            kernel(indices, offsets)
+        kernel.feature_counts_state.begin()  # values unchanged: the counts stay valid
+        t0 = time.perf_counter()
+        for v in views:
+            v.index_copy_(0, uniq, v.index_select(0, uniq))
+        t_gs.append(time.perf_counter() - t0)
+        kernel.feature_counts_state.end()
+    return statistics.median(t_op), statistics.median(t_gs)
+
+
 def main(argv=None):
-    ap = argparse.ArgumentParser(description=__doc__)
-    ap.add_argument("--tables", type=int, default=8)
-    ap.add_argument("--rows", type=int, default=100_000)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    ap.add_argument("--workload", choices=("ctr", "uniform"), default="ctr")
+    ap.add_argument("--sizes", type=int, nargs="+", default=None)
+    ap.add_argument("--tables", type=int, default=None)
     ap.add_argument("--dim", type=int, default=16)
     ap.add_argument("--batch", type=int, default=512)
-    ap.add_argument("--iters", type=int, default=200)
-    ap.add_argument("--warmup", type=int, default=20)
-    ap.add_argument("--rounds", type=int, default=10, help="turns the runs take (see time_all)")
+    ap.add_argument("--iters", type=int, default=120)
+    ap.add_argument("--warmup", type=int, default=10)
+    ap.add_argument("--rounds", type=int, default=12, help="turns the runs take (see time_all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eager", action="store_true", help="also time the eager (compiled=False) path")
     args = ap.parse_args(argv)
     torch.set_num_threads(args.threads)
-    data = batches(args.iters + args.warmup, args.tables, args.rows, args.batch)
-    specs = [(args.rows, args.dim, EmbeddingLocation.HOST, ComputeDevice.CPU)] * args.tables
+    from fbgemm_gpu.split_embedding_configs import EmbOptimType as OptimType
+    from fbgemm_gpu.split_table_batched_embeddings_ops_common import EmbeddingLocation
+    from fbgemm_gpu.split_table_batched_embeddings_ops_training import (
+        ComputeDevice,
+        SplitTableBatchedEmbeddingBagsCodegen,
+    )
 
-    def fbgemm(optim):
-        m = SplitTableBatchedEmbeddingBagsCodegen(embedding_specs=specs,
-                                                  feature_table_map=list(range(args.tables)),
-                                                  optimizer=optim, learning_rate=0.01, eps=1e-8)
-        return lambda i, o: m(indices=i.int(), offsets=o.int()), m
+    ctr = args.workload == "ctr"
+    tables = args.tables or (4 if ctr else 8)
+    sizes = args.sizes or ([100_000, 1_000_000, 4_000_000] if ctr else [100_000])
+    print(f"workload {args.workload}: {tables} tables x dim {args.dim}, batch {args.batch}, "
+          + ("Poisson(4) ids per bag, Zipf(1.1) ids" if ctr else "1 uniform id per bag")
+          + f"; {torch.get_num_threads()} thread(s); native update "
+          + ("built" if native.available() else "NOT built (eager)"))
+    for rows in sizes:
+        n = args.iters + args.warmup
+        data = (ctr_batches if ctr else uniform_batches)(n, tables, rows, args.batch, args.dim)
+        ids = sum(int(d[0].numel()) for d in data) / n
+        uniq = statistics.mean(len(torch.unique(d[0] + torch.repeat_interleave(
+            torch.arange(tables).repeat_interleave(args.batch) * rows, d[1][1:] - d[1][:-1])))
+            for d in data[:20])
+        specs = [(rows, args.dim, EmbeddingLocation.HOST, ComputeDevice.CPU)] * tables
 
-    def group(opt, rowwise, compiled=None):
-        hp = dict(lr=0.01, eps=1e-8, lambda21=1e-4)
-        m = GroupTBE([TableSpec(f"t{i}", args.rows, args.dim) for i in range(args.tables)],
-                     list(range(args.tables)), optimizer=opt, hyperparameters=hp,
-                     rowwise=rowwise, compiled=compiled)
-        for w in m.split_embedding_weights():
-            w.uniform_(-0.01, 0.01)
-        return m, m
+        def fbgemm(optim, specs=specs):
+            m = SplitTableBatchedEmbeddingBagsCodegen(
+                embedding_specs=specs, feature_table_map=list(range(tables)), optimizer=optim,
+                learning_rate=0.01, eps=1e-8)
+            return (lambda ind, off: m(indices=ind, offsets=off)), m, (lambda: None)
 
-    runs = {"FBGEMM EXACT_ADAGRAD": fbgemm(OptimType.EXACT_ADAGRAD),
-            "FBGEMM EXACT_ROWWISE_ADAGRAD": fbgemm(OptimType.EXACT_ROWWISE_ADAGRAD)}
-    for compiled in ((None, False) if args.eager else (None,)):
-        tag = " eager" if compiled is False else ""
-        runs[f"GroupAdagrad{tag}"] = group("adagrad", False, compiled)
-        runs[f"GroupAdagrad(rowwise){tag}"] = group("adagrad", True, compiled)
-        runs[f"GroupAdam{tag}"] = group("adam", False, compiled)
-        runs[f"GroupAdam(rowwise){tag}"] = group("adam", True, compiled)
-    times = time_all(runs, data, args.warmup, args.rounds)
-    base_e = times["FBGEMM EXACT_ADAGRAD"]
-    base_r = times["FBGEMM EXACT_ROWWISE_ADAGRAD"]
-    print(f"{args.tables} tables x {args.rows} rows x dim {args.dim}, batch {args.batch}, "
-          f"1 id/feature, {torch.get_num_threads()} thread(s)")
-    print("| kernel | ms/step | / EXACT_ADAGRAD | / EXACT_ROWWISE_ADAGRAD | state floats/row | "
-          "bookkeeping bytes/row |")
-    print("|---|---|---|---|---|---|")
-    for name, t in times.items():
-        module = runs[name][1]
-        if isinstance(module, GroupTBE):
-            b = module.state_bytes_per_row()
-            floats, book = b["state"] / 4, b["bookkeeping"]
-        else:
-            st = module.get_optimizer_state()[0]
-            floats = sum(v.numel() for v in st.values()) / args.rows
-            book = 0
-        print(f"| {name} | {t * 1e3:.3f} | {t / base_e:.2f} | {t / base_r:.2f} | {floats:g} | "
-              f"{book} |")
-    auto = [m for name, (_, m) in runs.items() if isinstance(m, GroupTBE) and m.compiled is None]
-    if auto:
-        print(f"\nGroup kernels without a tag: compiled=None -> "
-              f"{'compiled' if auto[0]._compile_update() else 'eager'} update at this size")
+        def group(opt, rowwise, compiled=None, rows=rows):
+            hp = dict(lr=0.01, eps=1e-8, lambda21=1e-4)
+            m = GroupTBE([TableSpec(f"t{i}", rows, args.dim) for i in range(tables)],
+                         list(range(tables)), optimizer=opt, hyperparameters=hp,
+                         rowwise=rowwise, compiled=compiled)
+            for w in m.split_embedding_weights():
+                w.uniform_(-0.01, 0.01)
+            return m
+
+        runs = {"FBGEMM EXACT_ROWWISE_ADAGRAD": fbgemm(OptimType.EXACT_ROWWISE_ADAGRAD),
+                "FBGEMM EXACT_ADAGRAD": fbgemm(OptimType.EXACT_ADAGRAD)}
+        kernels = {}
+        for name, opt, rw in (("GroupAdagrad(rowwise)", "adagrad", True),
+                              ("GroupAdam(rowwise)", "adam", True),
+                              ("GroupAdagrad", "adagrad", False),
+                              ("GroupAdam", "adam", False)):
+            m = kernels[name] = group(opt, rw)
+            per_table = {t.name: {"lambda21": 1e-4 * (1 + 0.1 * i)} for i, t in enumerate(m.tables)}
+            clear = {t.name: {"lambda21": None} for t in m.tables}
+            runs[name] = (m, m, lambda m=m, c=clear: m.set_table_hyperparameters(c))
+            runs[name + " per-table lambda21"] = (
+                m, m, lambda m=m, p=per_table: m.set_table_hyperparameters(p))
+            if args.eager:
+                e = group(opt, rw, compiled=False)
+                runs[name + " eager"] = (e, e, lambda: None)
+        gc.collect()
+        times = time_all(runs, data, args.warmup, args.rounds)
+        base_r = times["FBGEMM EXACT_ROWWISE_ADAGRAD"]
+        base_e = times["FBGEMM EXACT_ADAGRAD"]
+        print(f"\n{rows:,} rows per table: {ids:.0f} ids and {uniq:.0f} unique rows per step")
+        print("| kernel | ms/step | / EXACT_ROWWISE_ADAGRAD | / EXACT_ADAGRAD | "
+              "per-table lambda21 / global | state floats/row |")
+        print("|---|---|---|---|---|---|")
+        for name, t in times.items():
+            if name.endswith("per-table lambda21"):
+                continue
+            module = runs[name][1]
+            if isinstance(module, GroupTBE):
+                floats = module.state_bytes_per_row()["state"] / module.weights.element_size()
+            else:
+                st = module.get_optimizer_state()[0]
+                floats = sum(v.numel() for v in st.values()) / rows
+            pt = times.get(name + " per-table lambda21")
+            ratio = f"{pt / t:.2f}" if pt is not None else ""
+            print(f"| {name} | {t * 1e3:.3f} | {t / base_r:.2f} | {t / base_e:.2f} | {ratio} | "
+                  f"{floats:g} |")
+        if native.available():
+            print("\n| update phase (native op) | ms | plain gather+scatter of the same rows ms | ratio |")
+            print("|---|---|---|---|")
+            for name, m in kernels.items():
+                op, gs = update_phase(m, data[args.warmup:], min(30, args.iters))
+                print(f"| {name} | {op * 1e3:.3f} | {gs * 1e3:.3f} | {op / gs:.2f} |")
+        del runs, kernels, data
+        gc.collect()
 
 
 if __name__ == "__main__":

@@ -280,6 +280,7 @@ class TorchRecStrategy(DDPStrategy):
         wanted = {k: v for k, v in template.items() if k in saved}
         self._check_against_saved(path, template, saved, fitting)
         dcp.load(wanted, storage_reader=dcp.FileSystemReader(path))
+        self._invalidate_table_counts()
         out = _join(rest, wanted)
         if not fitting:
             out.pop("optimizer_states", None)
@@ -315,6 +316,15 @@ class TorchRecStrategy(DDPStrategy):
                 raise ValueError(f"Invalid checkpoint {path!r}: {key} has shape {got}, this run's "
                                  f"is {want} (another table size or state layout, e.g. row-wise "
                                  "vs element-wise); nothing was loaded")
+
+    def _invalidate_table_counts(self) -> None:
+        """The tables were loaded in place: their kernels recount at the next read."""
+        try:
+            from torchrec_ext.feature_rate import all_group_kernels
+        except ImportError:  # pragma: no cover
+            return
+        for kernel in all_group_kernels(self.lightning_module):
+            kernel.invalidate_counts()
 
     def load_optimizer_state_dict(self, checkpoint) -> None:
         super().load_optimizer_state_dict(checkpoint)

@@ -22,6 +22,8 @@ from torchrec.modules.embedding_configs import data_type_to_dtype
 from torchrec.optim.fused import EmptyFusedOptimizer, FusedOptimizer, FusedOptimizerModule
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor
 
+from lightning_sgl.optim.functional import FLAGS, hyperparameter_names
+
 from .kernel import GroupTBE, TableSpec
 from .optimizer import GroupFusedOptimizer
 
@@ -30,9 +32,8 @@ __all__ = ["GroupFusedEmbeddingBag", "GROUP_OPTIMIZER_TAG", "is_group_fused_para
 
 #: value of ``fused_params["optimizer"]`` for tables trained by a Group optimizer
 GROUP_OPTIMIZER_TAG = "lightning_sgl.group"
-_HP_KEYS = ("lambda1", "lambda21", "lambda2", "betas", "eps", "momentum", "lr_decay",
-            "initial_accumulator_value")
-_FLAG_KEYS = ("rowwise", "exact_group_norm", "nonfinite", "compiled")
+#: hyperparameters carried by ``fused_params`` (``lr`` is TorchRec's ``learning_rate``)
+_HP_KEYS = tuple(k for k in hyperparameter_names() if k != "lr")
 
 
 def is_group_fused_params(fused_params: dict | None) -> bool:
@@ -44,7 +45,7 @@ def kernel_kwargs_from_fused_params(fused_params: dict) -> dict:
     hp = {k: fused_params[k] for k in _HP_KEYS if k in fused_params}
     if "learning_rate" in fused_params:
         hp["lr"] = fused_params["learning_rate"]
-    kw = {k: fused_params[k] for k in _FLAG_KEYS if k in fused_params}
+    kw = {k: fused_params[k] for k in FLAGS if k in fused_params}
     return dict(optimizer=fused_params["sgl_optimizer"], hyperparameters=hp, **kw)
 
 
@@ -80,7 +81,7 @@ class GroupFusedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOptimiz
             first.setdefault(t.name, i)
         for name, i in first.items():
             t = self._emb_module.tables[i]
-            start = self._emb_module.weights_offsets[i]
+            start = self._emb_module.layout.weights_offsets[i]
             sl = TableBatchedEmbeddingSlice(
                 data=self._emb_module.weights, start_offset=start,
                 end_offset=start + counts[name] * t.local_rows * t.local_cols,
@@ -110,6 +111,10 @@ class GroupFusedEmbeddingBag(BaseBatchedEmbeddingBag[torch.Tensor], FusedOptimiz
         if weights is not None and not torch.is_floating_point(weights):
             weights = None
         return self._emb_module(features.values(), features.offsets(), weights)
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._emb_module.invalidate_counts()  # the tables were (maybe) written in place
 
     def named_buffers(self, prefix: str = "", recurse: bool = True,
                       remove_duplicate: bool = True) -> Iterator[tuple[str, torch.Tensor]]:

@@ -49,45 +49,65 @@ def _pg_device(pg) -> torch.device:
 
 
 @torch.no_grad()
-def feature_counts(module: nn.Module, pg=None) -> dict[str, tuple[int, int]]:
-    """``{"<ebc path>.<table>" or "<table>": (rows seen, seen rows that are non-zero)}``, exact
-    over all ranks (collective: call on every rank)."""
-    distributed = dist.is_initialized() and dist.get_world_size(pg) > 1
-    result: dict[str, tuple[int, int]] = {}
-    mods = group_modules(module)
-    for path, sharded in mods:
+def _recount(mods, pg, distributed: bool) -> None:
+    """Rebuild every kernel's counts from its buffers, O(rows): row-, table- and table-row-wise
+    shards locally; a column-sharded table's rows are non-zero if any shard's part is (flags
+    all-reduced with MAX, in plan order). Collective: every rank calls it."""
+    dev = _pg_device(pg)
+    for _, sharded in mods:
         plan = sharded.module_sharding_plan
         shards = _table_shards(sharded)
-        names = sorted(n for n, ps in plan.items() if ps.sharding_type != "data_parallel")
-        summed = [n for n in names if plan[n].sharding_type not in _COLUMN]
-        local = torch.zeros(len(summed), 2, dtype=torch.float64)
-        for j, name in enumerate(summed):
-            for k, i in shards.get(name, []):
-                seen, nz = k.row_flags(i)
-                local[j, 0] += seen.sum()
-                local[j, 1] += (seen & nz).sum()
-        dev = _pg_device(pg)
-        if distributed and len(summed):
-            local = local.to(dev)
-            dist.all_reduce(local, group=pg)
-            local = local.cpu()
-        key = _keyed(mods, path)
-        for j, name in enumerate(summed):
-            result[key(name)] = (int(local[j, 0]), int(local[j, 1]))
-        for name in (n for n in names if n not in summed):
+        combined: dict[int, dict[int, Tensor]] = {}  # id(kernel) -> {local table: flags}
+        for name in sorted(n for n, ps in plan.items() if ps.sharding_type in _COLUMN):
             rows = plan[name].sharding_spec.shards[0].shard_sizes[0]
-            flags = torch.zeros(2, rows, dtype=torch.uint8)
+            flags = torch.zeros(rows, dtype=torch.uint8)
             for k, i in shards.get(name, []):
-                seen, nz = k.row_flags(i)
-                flags[0] |= seen.to(torch.uint8)
-                flags[1] |= nz.to(torch.uint8)
+                flags |= k.row_flags(i)[1].to(torch.uint8)
             if distributed:
                 f = flags.to(dev)
                 dist.all_reduce(f, op=dist.ReduceOp.MAX, group=pg)
                 flags = f.cpu()
-            seen = flags[0].bool()
-            result[key(name)] = (int(seen.sum()), int((seen & flags[1].bool()).sum()))
-    return result
+            for k, i in shards.get(name, []):
+                combined.setdefault(id(k), {})[i] = flags.bool()
+        for k in sharded.group_kernels():
+            k.recount(combined.get(id(k)))
+
+
+@torch.no_grad()
+def feature_counts(module: nn.Module, pg=None) -> dict[str, tuple[int, int]]:
+    """``{"<ebc path>.<table>" or "<table>": (rows seen, seen rows that are non-zero)}``, exact
+    over all ranks (collective: call on every rank).
+
+    Cost: O(tables) and two small all-reduces -- the kernels keep their counts up to date as
+    they write rows. Only after a write by someone else (a checkpoint load) do they rebuild them,
+    O(rows) once (decided over all ranks, so that the column-shard reductions line up)."""
+    distributed = dist.is_initialized() and dist.get_world_size(pg) > 1
+    mods = group_modules(module)
+    stale = any(k.counts_stale() for _, m in mods for k in m.group_kernels())
+    if distributed:
+        flag = torch.tensor([float(stale)], device=_pg_device(pg))
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
+        stale = bool(flag.item())
+    if stale:
+        _recount(mods, pg, distributed)
+    keys: list[str] = []
+    for path, sharded in mods:
+        key = _keyed(mods, path)
+        keys += [key(n) for n, ps in sorted(sharded.module_sharding_plan.items())
+                 if ps.sharding_type != "data_parallel"]
+    index = {k: j for j, k in enumerate(keys)}
+    local = torch.zeros(len(keys), 2, dtype=torch.float64)
+    for path, sharded in mods:
+        key = _keyed(mods, path)
+        for k in sharded.group_kernels():
+            for t, (seen, nz) in zip(k.tables, k.table_counts()):
+                if t.col_offset == 0:  # a column-sharded row is counted by one shard
+                    local[index[key(t.name)]] += torch.tensor([seen, nz], dtype=torch.float64)
+    if distributed and len(keys):
+        local = local.to(_pg_device(pg))
+        dist.all_reduce(local, group=pg)
+        local = local.cpu()
+    return {k: (int(local[j, 0]), int(local[j, 1])) for k, j in index.items()}
 
 
 def _keyed(mods: list, path: str):

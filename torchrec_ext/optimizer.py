@@ -165,3 +165,4 @@ class GroupFusedOptimizer(FusedOptimizer):
         row-wise state to every column shard (collective: all ranks load together)."""
         self._push()
         self._kernel.sync_column_shards()
+        self._kernel.invalidate_counts()  # tables and seen flags were loaded in place

@@ -29,16 +29,17 @@ from torchrec.distributed.types import ShardingType
 from torchrec.modules.embedding_modules import EmbeddingBagCollection
 
 from lightning_sgl.optim import GroupOptimizer
+from lightning_sgl.optim.functional import FLAGS, FUSED_RULES, SPECS, hyperparameter_names
 
 from .embedding import GROUP_OPTIMIZER_TAG, GroupFusedEmbeddingBag, is_group_fused_params
-from .kernel import FUSED_RULES, GroupTBE
+from .kernel import GroupTBE
 
 __all__ = ["apply_group_optimizer", "group_sharders", "GroupEmbeddingBagCollectionSharder",
            "ShardedGroupEmbeddingBagCollection", "group_kernels", "is_group_tagged"]
 
-_OPTION_KEYS = ("lr", "lambda1", "lambda21", "lambda2", "betas", "eps", "momentum", "lr_decay",
-                "initial_accumulator_value", "rowwise", "exact_group_norm", "nonfinite",
-                "compiled")
+#: every keyword a fused Group optimizer takes (hyperparameters of the fusable specs and flags)
+_OPTION_KEYS = (*hyperparameter_names(), *FLAGS)
+_FUSED_CLASSES = ", ".join(SPECS[r].class_name for r in FUSED_RULES)
 _COLUMN_TYPES = (ShardingType.COLUMN_WISE.value, ShardingType.TABLE_COLUMN_WISE.value)
 
 
@@ -65,9 +66,8 @@ def apply_group_optimizer(ebc: EmbeddingBagCollection, optimizer_cls: type[Group
     if rule not in FUSED_RULES:
         raise ValueError(
             f"Invalid optimizer_cls: {getattr(optimizer_cls, '__name__', optimizer_cls)} cannot "
-            f"run fused (valid: GroupSGD, GroupMomentum, GroupAdagrad, GroupAdam, GroupAMSGrad); "
-            "keep that table dense (data-parallel or compute kernel 'dense') and train it with "
-            "the torch.optim Group optimizer")
+            f"run fused (valid: {_FUSED_CLASSES}); keep that table dense (outside the Group "
+            "sharder's EBC) and train it with the torch.optim Group optimizer")
     params = {name.split(".")[0]: p for name, p in ebc.embedding_bags.named_parameters()}
     per_table = per_table or {}
     chosen = list(params) if tables is None else list(tables)

@@ -40,17 +40,16 @@ class TorchRecTables:
     def lambda21(self) -> dict[str, float]:
         out = {}
         for k in self.kernels:
-            hp = k.current_hyperparameters()
-            for t in k.tables:
-                out.setdefault(t.name, float(k.table_lambda21.get(t.name, hp["lambda21"])))
+            for t, hp in zip(k.tables, k.table_hyperparameter_list(k.current_hyperparameters())):
+                out.setdefault(t.name, float(hp["lambda21"]))
         return {n: out.get(self._local(n), float("nan")) for n in self.names}
 
     def set_lambda21(self, values: dict[str, float]) -> None:
         local = {self._local(n): float(v) for n, v in values.items()}
         for k in self.kernels:
-            for t in k.tables:
-                if t.name in local:
-                    k.table_lambda21[t.name] = local[t.name]
+            mine = {t.name for t in k.tables} & set(local)
+            if mine:
+                k.set_table_hyperparameters({t: {"lambda21": local[t]} for t in mine})
 
     def reapply(self) -> None:
         for k in self.kernels:

@@ -28,7 +28,6 @@ from unittest import mock
 import torch
 from torch import Tensor
 
-from . import _aot
 from ._dual import dual_carry, dual_to_z, dual_update
 from ._moments import MomentRule, get_rule, step_scalars
 from ._prox import group_norm, prox, soft_threshold
@@ -259,25 +258,29 @@ def _dense_fast_(param, grad, dual, states, rowwise_flags, step, hp, sq_of, rule
 
 
 def _rows_(x2d, idx, g_rows, dual2d, states2d, step, hp, sq_rows, rule_name, rowwise, exact,
-           group_size=None, reduce_sum=None):
+           group_size=None, reduce_sum=None, agree=None):
     """In place: gather rows ``idx``, Algorithm 1, scatter back the rows whose result is finite
-    (one fused loop when compiled). Returns the mask (over ``idx``) of the refused rows."""
+    (one fused loop when compiled). ``agree`` (column shards) ORs the refusal of each row over
+    the other pieces of its group. Returns the mask (over ``idx``) of the refused rows."""
     x_old, dual_old = x2d.index_select(0, idx), dual2d.index_select(0, idx)
     st_old = tuple(s.index_select(0, idx) for s in states2d)
     x_new, dual_new, new_states = group_step(
         x_old, g_rows, dual_old, st_old, rule=get_rule(rule_name), step=step,
         hp=hp, sq_of=sq_rows, rowwise=rowwise, exact=exact, group_size=group_size,
         reduce_sum=reduce_sum)
-    keep = rows_finite(x_new, dual_new, *new_states).unsqueeze(1)
+    refused = ~rows_finite(x_new, dual_new, *new_states)
+    if agree is not None:
+        refused = agree(refused)
+    keep = ~refused.unsqueeze(1)
     x2d.index_copy_(0, idx, torch.where(keep, x_new, x_old))
     dual2d.index_copy_(0, idx, torch.where(keep, dual_new, dual_old))
     for s, old, n in zip(states2d, st_old, new_states):
         s.index_copy_(0, idx, torch.where(keep, n, old))
-    return ~keep.squeeze(1)
+    return refused
 
 
 def _accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags, step, hp, rule_name, rowwise,
-                      exact, group_size=None, reduce_sum=None):
+                      exact, group_size=None, reduce_sum=None, agree=None):
     """In place, for the unique rows ``idx`` of a batch: sum the per-index gradients ``g_index``
     into their rows (``inv``: position in ``idx`` of each index's row), Algorithm 1 on those rows,
     write back the rows whose result is finite, and set ``flags`` of those rows to 1. One fused
@@ -285,7 +288,7 @@ def _accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags, step, hp,
     g_rows = torch.zeros((idx.shape[0], g_index.shape[1]), dtype=g_index.dtype,
                          device=g_index.device).index_add_(0, inv, g_index)
     refused = _rows_(x2d, idx, g_rows, dual2d, states2d, step, hp, None, rule_name, rowwise, exact,
-                     group_size, reduce_sum)
+                     group_size, reduce_sum, agree)
     if flags is not None:
         flags.index_copy_(0, idx, torch.where(refused, flags.index_select(0, idx),
                                               torch.ones_like(idx, dtype=flags.dtype)))
@@ -373,11 +376,19 @@ def _run_compiled(fn, eager_fn, key, dynamic, eager_args, tensor_args):
     return eager_fn(*eager_args)
 
 
+def _split_row_hp(hp: dict) -> tuple[dict, dict]:
+    """``(scalar hyperparameters, per-row ones)``: a ``[G, 1]`` tensor value is per row (a
+    per-table override, e.g. a tuned ``lambda21``); it reaches compiled code as a tensor input."""
+    rows = {k: v for k, v in hp.items() if isinstance(v, Tensor) and v.dim() > 0}
+    return {k: v for k, v in hp.items() if k not in rows}, rows
+
+
 def _pack_hp(hp: dict, step, like: Tensor) -> tuple[tuple, Tensor]:
     """Hyperparameters and the step's scalars (``step_scalars``: bias corrections etc., evaluated
     here once instead of once per row inside the kernel) packed into one 1-D tensor: one
     host->device copy per step, one tensor for the compiled code to guard on, and a changed value
-    does not recompile. Returns ``(layout, packed)``; ``layout`` is static."""
+    does not recompile. Returns ``(layout, packed)``; ``layout`` is static. Per-row values are
+    not packed (see :func:`_split_row_hp`)."""
     floats = {k: tuple(float(e) for e in v) if isinstance(v, tuple) else float(v)
               for k, v in hp.items()}
     layout, values = [], []
@@ -427,10 +438,11 @@ def _rows_packed_(x2d, idx, g_rows, dual2d, states2d, packed, layout, sq_rows, r
 
 
 def _accumulate_rows_packed_(x2d, idx, inv, g_index, dual2d, states2d, flags, packed, layout,
-                             rule_name, rowwise, exact):
+                             row_keys, row_values, rule_name, rowwise, exact):
     hp, step = _unpack_hp(layout, packed)
+    hp.update(zip(row_keys, row_values))
     return _accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags, step, hp, rule_name,
-                      rowwise, exact)
+                             rowwise, exact)
 
 
 def apply_dense_(param, grad, dual, states, rowwise_flags, *, step, hp, rule_name, group_by,
@@ -490,7 +502,7 @@ def apply_rows_(x2d, idx, g_rows, dual2d, states2d, *, step, hp, rule_name, roww
 
 def accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags=None, *, step, hp, rule_name,
                      rowwise=False, exact=False, compiled=False, group_size=None,
-                     reduce_sum=None):
+                     reduce_sum=None, agree=None):
     """The fused-table update: per-index gradients in, rows updated in place (lazy semantics).
 
     ``idx``: unique rows of the batch; ``inv``: for each of the ``n`` indices of the batch, the
@@ -499,25 +511,25 @@ def accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags=None, *, st
     (``uint8`` per row, optional) is set to 1 for every updated row. The caller checks that the
     gradients are finite (and their row sums cannot overflow) beforehand. Rows whose result
     would not be finite are left unchanged (flags included); their mask over ``idx`` is returned.
-    ``group_size``/``reduce_sum``: see :func:`group_step` (column shards; eager path only).
+    ``hp`` values may be ``[len(idx), 1]`` tensors (per-row overrides). ``group_size``,
+    ``reduce_sum`` and ``agree``: see :func:`group_step` and :func:`_rows_` (column shards;
+    eager path only). ``compiled=True``: one ``torch.compile``'d loop nest (C++ on CPU, Triton
+    on CUDA), the per-row values passed as tensors (no recompile when they change).
     """
-    if group_size is not None or reduce_sum is not None:
+    if group_size is not None or reduce_sum is not None or agree is not None:
         compiled = False
     eager = (x2d, idx, inv, g_index, dual2d, tuple(states2d), flags, step, hp, rule_name, rowwise,
-             exact, group_size, reduce_sum)
+             exact, group_size, reduce_sum, agree)
     if not compiled:
         return _accumulate_rows_(*eager)
-    layout, packed = _pack_hp(hp, step, x2d)
+    scalars, per_row = _split_row_hp(hp)
+    layout, packed = _pack_hp(scalars, step, x2d)
+    row_keys = tuple(sorted(per_row))
     key = ("accumulate", rule_name, rowwise, exact, flags is not None, x2d.shape[1], x2d.dtype,
-           x2d.device, layout)
-    # CPU: the AOTInductor-compiled kernel (no per-call dynamo overhead); else torch.compile
-    refused = _aot.run_accumulate(key, x2d, idx, inv, g_index, dual2d, states2d, flags, packed,
-                                  layout, rule_name, rowwise, exact)
-    if refused is not None:
-        return refused
+           x2d.device, layout, row_keys)
     for t in (x2d, g_index, dual2d, *states2d):  # row counts vary, the width does not
         if 1 not in getattr(t, "_dynamo_static_indices", ()):
             torch._dynamo.mark_static(t, 1)
-    tensors = (x2d, idx, inv, g_index, dual2d, tuple(states2d), flags, packed, layout, rule_name,
-               rowwise, exact)
+    tensors = (x2d, idx, inv, g_index, dual2d, tuple(states2d), flags, packed, layout, row_keys,
+               tuple(per_row[k] for k in row_keys), rule_name, rowwise, exact)
     return _run_compiled(_accumulate_rows_packed_, _accumulate_rows_, key, True, eager, tensors)

@@ -44,12 +44,16 @@ def serve(rank: int, world: int) -> None:
             except BaseException:  # noqa: BLE001 - report through the exit code
                 import traceback
 
+                with open(os.path.join(cmd["out"], f"error-{rank}.txt"), "w") as err:
+                    traceback.print_exc(file=err)
                 traceback.print_exc()
                 code = 1
             finally:
-                sys.stdout.flush()
-                sys.stderr.flush()
-                os._exit(code)
+                try:
+                    sys.stdout.flush()
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
         print(json.dumps({"pid": pid}), flush=True)
         _, status = os.waitpid(pid, 0)
         sig = os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0
