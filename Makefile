@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install demo test lint format bench clean
 
-$(STAMP): constraints.txt pyproject.toml scripts/install.sh
+$(STAMP): constraints.txt pyproject.toml setup.py scripts/install.sh $(wildcard torchrec_ext/csrc/*.cpp)
 	bash scripts/install.sh $(VENV)
 	touch $(STAMP)
 
@@ -29,6 +29,7 @@ format: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_dense.py
+	OPENBLAS_NUM_THREADS=1 $(PY) benchmarks/bench_fused.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache
