@@ -1,10 +1,11 @@
 """``TorchRecStrategy``: Lightning's DDP strategy with TorchRec's ``DistributedModelParallel``.
 
-The module's ``EmbeddingBagCollection`` tables are sharded by DMP (the planner by default, or a
-given plan / planner constraints) with the Group sharders, the dense part is wrapped in DDP by DMP
-itself, gloo on CPU and NCCL on GPU. Checkpoints are written by every rank with
-``torch.distributed.checkpoint`` (sharded tables and fused optimizer state, ``param_groups``
-included) plus one small file with everything else (dense weights and optimizer state, loops,
+The module's ``EmbeddingBagCollection`` tables are sharded by DMP (under a given plan, or one made
+by TorchRec's planner with storage estimates that count the Group state --
+:func:`torchrec_ext.group_planner` -- and the given constraints) with the Group sharders, the
+dense part is wrapped in DDP by DMP itself, gloo on CPU and NCCL on GPU. Checkpoints are written
+by every rank with ``torch.distributed.checkpoint`` (sharded tables and fused optimizer state,
+``param_groups`` included) plus one small file with everything else (dense weights and optimizer state, loops,
 LR schedulers, callbacks), so a checkpoint loads under another world size or plan. A checkpoint
 is staged, closed by a manifest of checksums and published atomically; loading verifies it and
 checks names and shapes before anything is loaded (:mod:`lightning_sgl.checkpoint`).
@@ -88,7 +89,8 @@ class TorchRecStrategy(DDPStrategy):
 
     Args:
         plan: a ``torchrec.distributed.types.ShardingPlan`` to use as is.
-        constraints: planner constraints (``{table: ParameterConstraints}``) for DMP's planner.
+        constraints: planner constraints (``{table: ParameterConstraints}``) for the planner
+            (:func:`torchrec_ext.group_planner`, used whenever no ``plan`` is given).
         sharders: module sharders (default: :func:`torchrec_ext.group_sharders`).
         verify_checkpoints: check every file of a checkpoint against its manifest (size and
             SHA-256) before loading it (default ``True``).
@@ -137,10 +139,10 @@ class TorchRecStrategy(DDPStrategy):
 
     def _shard(self, trainer) -> None:
         from torchrec.distributed import DistributedModelParallel
-        from torchrec.distributed.planner import EmbeddingShardingPlanner, Topology
+        from torchrec.distributed.planner import Topology
         from torchrec.distributed.types import ShardingEnv
 
-        from torchrec_ext import group_sharders
+        from torchrec_ext import group_planner, group_sharders
 
         module = self.lightning_module
         if self._dmp is not None and self._dmp.module is module:
@@ -149,10 +151,10 @@ class TorchRecStrategy(DDPStrategy):
         sharders = self._sharders if self._sharders is not None else group_sharders()
         pg = dist.group.WORLD
         plan = self._plan
-        if plan is None and self._constraints is not None:
-            planner = EmbeddingShardingPlanner(
-                topology=Topology(world_size=self.world_size, local_world_size=self.num_processes,
-                                  compute_device=self.root_device.type),
+        if plan is None:  # TorchRec's planner, with storage estimates that count Group state
+            planner = group_planner(
+                Topology(world_size=self.world_size, local_world_size=self.num_processes,
+                         compute_device=self.root_device.type),
                 constraints=self._constraints)
             plan = planner.collective_plan(module, sharders, pg)
         self._dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(pg),

@@ -20,6 +20,8 @@ _LAZY = {
     "GroupEmbeddingBagCollectionSharder": "sharder",
     "ShardedGroupEmbeddingBagCollection": "sharder",
     "is_group_tagged": "sharder",
+    "group_planner": "planner",
+    "GroupStorageEstimator": "planner",
 }
 
 
@@ -44,6 +46,8 @@ __all__ = [
     "GroupEmbeddingBagCollectionSharder",
     "ShardedGroupEmbeddingBagCollection",
     "is_group_tagged",
+    "group_planner",
+    "GroupStorageEstimator",
     "GroupTBE",
     "TableSpec",
     "FUSED_RULES",

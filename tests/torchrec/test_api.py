@@ -1,31 +1,14 @@
 """The user-facing API: apply_group_optimizer + group_sharders, errors, hyperparameters through
 the fused optimizer's param_groups, feature counts."""
 
-import os
-import socket
 
 import pytest
 import torch
-import torch.distributed as dist
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor
 from torchrec.distributed import DistributedModelParallel
 
 from lightning_sgl.optim import GroupAdaHessian, GroupAdam
 from torchrec_ext import apply_group_optimizer, group_sharders
-
-
-@pytest.fixture(scope="module")
-def single_process_group():
-    if not dist.is_initialized():
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            port = s.getsockname()[1]
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0",
-                          WORLD_SIZE="1", LOCAL_WORLD_SIZE="1")
-        dist.init_process_group("gloo", rank=0, world_size=1)
-    yield
-    dist.barrier()  # all ranks done before gloo tears down its threads
-    dist.destroy_process_group()
 
 
 def _ebc():
@@ -52,7 +35,7 @@ def _kjt(gen, batch=8):
     return KeyedJaggedTensor.from_lengths_sync(keys=["u", "i"], values=values, lengths=lengths)
 
 
-def test_two_lines_train_the_tables_fused(single_process_group):
+def test_two_lines_train_the_tables_fused(single_rank_group):
     ebc = _ebc()
     apply_group_optimizer(ebc, GroupAdam, lr=0.05, lambda21=0.05,
                           per_table={"item": {"lambda21": 0.0}})
@@ -115,7 +98,7 @@ def test_bad_arguments_are_refused():
         apply_group_optimizer(_ebc(), GroupAdam, weight_decay=0.1)
 
 
-def test_variable_batch_per_feature_is_refused(single_process_group):
+def test_variable_batch_per_feature_is_refused(single_rank_group):
     ebc = _ebc()
     apply_group_optimizer(ebc, GroupAdam, lr=0.05)
     model = DistributedModelParallel(Model(ebc), device=torch.device("cpu"),

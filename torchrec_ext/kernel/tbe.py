@@ -427,6 +427,25 @@ class GroupTBE(nn.Module):
         restarts from 0 if a later batch touches it). Collective for column shards."""
         rows.prune(self, thresholds)
 
+    @staticmethod
+    def table_bytes(optimizer: str, rows: int, cols: int, *, rowwise: bool = False,
+                    dtype: torch.dtype = torch.float32) -> dict[str, int]:
+        """Bytes a ``GroupTBE`` allocates for one table (or shard) of ``rows x cols``: the
+        weights, the dual, every state of the optimizer (``rows`` values when row-wise, else
+        ``rows x cols``) and the ``seen`` flags (1 byte per row). Pure arithmetic, O(states);
+        the TorchRec planner's storage estimate uses it (:mod:`torchrec_ext.planner`).
+
+        Returns ``{"weights", "dual", <state names>..., "seen"}``."""
+        spec = get_spec(optimizer)
+        if rowwise and not spec.rowwise_ok:
+            raise ValueError(f"Invalid rowwise: True (optimizer {optimizer!r} has no second moment)")
+        es = torch.empty((), dtype=dtype).element_size()
+        out = {"weights": rows * cols * es, "dual": rows * cols * es}
+        for name in spec.rule.state_names:
+            out[name] = (rows if spec.state_is_rowwise(name, rowwise) else rows * cols) * es
+        out["seen"] = rows
+        return out
+
     def state_bytes_per_row(self) -> dict[str, float]:
         """Optimizer-state bytes per row (excluding the weights), and bookkeeping bytes."""
         n_rows = max(1, self.seen.numel())
