@@ -87,9 +87,12 @@ def bias_correction2_sqrt(step, hp):
 
 
 def decayed_lr(step, hp):
-    """Adagrad's ``lr / (1 + (t - 1) * lr_decay)``."""
+    """Adagrad's ``lr / (1 + (t - 1) * lr_decay)`` (``step`` a dict without ``clr``: ``lr`` is
+    per row, the formula is evaluated on the rows)."""
     if isinstance(step, dict):
-        return step["clr"]
+        if "clr" in step:
+            return step["clr"]
+        step = step["t"]
     return hp["lr"] / (1.0 + (step - 1.0) * hp["lr_decay"])
 
 
@@ -108,7 +111,7 @@ def step_scalars(step: float, hp: dict) -> dict:
         out["bias_correction1"] = bias_correction(step, hp, 1)
         out["bias_correction2"] = bias_correction(step, hp, 2)
         out["bias_correction2_sqrt"] = bias_correction2_sqrt(step, hp)
-    if "lr_decay" in hp:
+    if "lr_decay" in hp and "lr" in hp:  # (a per-row lr: decayed_lr evaluates it per row)
         out["clr"] = decayed_lr(step, hp)
     return out
 

@@ -340,3 +340,124 @@ def test_engine_choice():
         assert cw.engine() == "eager"
     with pytest.raises(ValueError, match=r"Invalid compiled"):
         GroupTBE(TABLES, FTM, optimizer="adagrad", compiled="yes")
+
+
+# --------------------------------------------------------------------------- fast path vs eager
+PER_TABLE = {"a": {"lambda21": 0.5, "lr": 0.03}, "b": {"lambda21": 6.0, "lambda1": 0.05},
+             "c": {"lambda2": 0.2}}
+
+
+def _fast_equals_eager(opt, rowwise, tables, ftm, batches, pooling, per_table=None, tol=1e-5):
+    """``compiled=None`` (the fast engine) against ``compiled=False`` (eager, the ground truth)
+    on the same batches: weights, every state (the dual relative to Algorithm 1's z), seen flags,
+    incremental feature counts; no eager fallback happened."""
+    kernels = [GroupTBE(tables, ftm, pooling=pooling, optimizer=opt, rowwise=rowwise,
+                        hyperparameters={**HP[opt], **lambdas_for(opt)}, compiled=c)
+               for c in (False, None)]
+    torch.manual_seed(0)
+    init = torch.empty_like(kernels[0].weights).uniform_(-0.3, 0.3)
+    for k in kernels:
+        k.weights.copy_(init)
+        if per_table:
+            k.set_table_hyperparameters(per_table)
+    _functional._WARNED.clear()
+    for indices, offsets, w, target in batches:
+        for k in kernels:
+            (k(indices, offsets, w) * target).sum().backward()
+    eager, fast = kernels
+    assert eager.engine() == "eager" and fast.engine(batches[0][2]) != "eager"
+    assert not [k for k in _functional._WARNED if k[0] == "accumulate"], "fell back to eager"
+    for name, v in eager.state_dict().items():
+        other = fast.state_dict()[name]
+        if v.dtype == torch.uint8 or name == "step":
+            assert torch.equal(v, other), name
+        elif name != "dual":
+            assert _err(other, v) <= tol, name
+    for st_e, st_f, w_e in zip(eager.get_optimizer_state(), fast.get_optimizer_state(),
+                               eager.split_embedding_weights()):
+        z = _paper_z(st_e["dual"], {**st_e, "step": eager.step}, w_e, opt, eager.hp)
+        assert ((st_f["dual"] - st_e["dual"]).abs() / z.abs().clamp(min=1.0)).max() <= tol
+    assert eager.feature_counts() == fast.feature_counts()
+    full = {}  # the incremental counts equal a full scan
+    for i, t in enumerate(fast.tables):
+        seen, nz = fast.row_flags(i)
+        full[t.name] = (int(seen.sum()), int((seen & nz).sum()))
+    assert fast.feature_counts() == full
+    return eager, fast
+
+
+def _small_batches(steps=8, weighted_every=2, seed=5):
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for step in range(steps):
+        indices, offsets, w = make_batch(gen, VOCAB, batch=4, weighted=step % weighted_every == 1)
+        out.append((indices, offsets, w, torch.randn(4, 20, generator=gen)))
+    return out
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernel not built")
+@pytest.mark.parametrize("opt,rowwise", ALL_FUSED)
+def test_per_table_hyperparameters_on_the_fast_path_equal_eager(opt, rowwise):
+    """Per-table lr / lambda1 / lambda21 / lambda2 reach the native update as data: 8 steps equal
+    the eager path with the same overrides, and the overrides really act (another lambda21 on
+    table "b" zeroes other rows than the global one)."""
+    eager, fast = _fast_equals_eager(opt, rowwise, TABLES, FTM, _small_batches(), "mean",
+                                     PER_TABLE)
+    assert fast.engine() == "native"
+    base = GroupTBE(TABLES, FTM, pooling="mean", optimizer=opt, rowwise=rowwise,
+                    hyperparameters={**HP[opt], **lambdas_for(opt)})
+    torch.manual_seed(0)
+    base.weights.copy_(torch.empty_like(base.weights).uniform_(-0.3, 0.3))
+    for indices, offsets, w, target in _small_batches():
+        (base(indices, offsets, w) * target).sum().backward()
+    assert not torch.equal(base.weights, fast.weights)  # negative control: overrides matter
+
+
+@pytest.mark.parametrize("opt,rowwise", [("adagrad", True), ("adam", False)])
+def test_per_table_hyperparameters_on_the_compiled_path_equal_eager(opt, rowwise, monkeypatch):
+    """The ``torch.compile`` engine (the CUDA path, run on CPU) with per-table overrides."""
+    monkeypatch.setattr(GroupTBE, "engine", lambda self, w=None: "eager"
+                        if self.compiled is False else "compiled")
+    _fast_equals_eager(opt, rowwise, TABLES, FTM, _small_batches(), "mean", PER_TABLE)
+
+
+REAL_TABLES = [TableSpec("user", 3000, 16), TableSpec("item", 2000, 32), TableSpec("ctx", 500, 8),
+               TableSpec("odd", 700, 12)]  # 12: a width without a compiled loop
+REAL_FTM = [0, 1, 2, 3, 1]  # "item" serves two features
+
+
+def _realistic_batches(steps, batch=64, mean_len=4.0, zipf=1.1, seed=3):
+    """Multi-hot bags (Poisson lengths, many empty), heavy-tailed ids (Zipf: many duplicates in
+    a batch), per-sample weights on every other step."""
+    gen = torch.Generator().manual_seed(seed)
+    out = []
+    for step in range(steps):
+        idx, lens = [], []
+        for t in REAL_FTM:
+            rows = REAL_TABLES[t].local_rows
+            ln = torch.poisson(torch.full((batch,), mean_len), generator=gen).long()
+            ln[: batch // 8] = 0  # empty bags
+            ranks = torch.arange(1, rows + 1, dtype=torch.float64)
+            p = ranks ** -zipf
+            idx.append(torch.multinomial(p / p.sum(), int(ln.sum()), replacement=True,
+                                         generator=gen))
+            lens.append(ln)
+        lengths = torch.cat(lens)
+        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
+        indices = torch.cat(idx)
+        w = torch.rand(len(indices), generator=gen) + 0.5 if step % 2 else None
+        width = sum(REAL_TABLES[t].local_cols for t in REAL_FTM)
+        out.append((indices, offsets, w, torch.randn(batch, width, generator=gen)))
+    return out
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernel not built")
+@pytest.mark.parametrize("opt,rowwise", ALL_FUSED)
+def test_fast_path_equals_eager_on_a_realistic_workload(opt, rowwise):
+    """Duplicated ids, empty bags, MEAN pooling, per-sample weights, four widths (one without a
+    compiled loop), a table shared by two features; per-table lambda21 as a tuner sets it."""
+    batches = _realistic_batches(8)
+    ids = batches[0][0]
+    assert ids.numel() > torch.unique(ids).numel() * 1.3  # the batches do repeat ids
+    per_table = {"user": {"lambda21": 1.0}, "item": {"lambda21": 4.0}}
+    _fast_equals_eager(opt, rowwise, REAL_TABLES, REAL_FTM, batches, "mean", per_table)
