@@ -240,7 +240,9 @@ def weight_norms(kernel) -> dict[str, Tensor]:
 @torch.no_grad()
 def prune(kernel, thresholds: dict[str, float]) -> None:
     """Zero every seen row of table ``t`` whose full-row norm is ``<= thresholds[t]``; counts
-    updated (pruned rows that were non-zero stop counting). O(S); collective for CW."""
+    updated (pruned rows that were non-zero stop counting). A column-sharded row is zeroed on
+    all its shards when any shard's threshold drops it (the decision is all-reduced), so a row
+    is never left half pruned. O(S); collective for CW."""
     n = len(kernel.layout.tables)
     kernel.feature_counts_state.begin()
     for seg in kernel.layout.segments:
@@ -248,6 +250,9 @@ def prune(kernel, thresholds: dict[str, float]) -> None:
         thr = torch.tensor([float(thresholds.get(t.name, -1.0)) for t in kernel.layout.tables],
                            dtype=norms.dtype, device=norms.device)[tables]
         drop = norms <= thr
+        red = reducer(kernel, seg, tables)
+        if red is not None:
+            drop = red.any(drop)
         nz = norms > 0
         kernel.layout.segment_view(kernel.weights, seg).index_fill_(0, rows[drop], 0.0)
         ones = torch.ones_like(drop)
