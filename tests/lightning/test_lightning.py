@@ -12,6 +12,8 @@ import sys
 import pytest
 import torch
 
+from tests.envs import DIST_ENV
+
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
@@ -24,7 +26,8 @@ def run_job(module: str, out_dir, cfg: dict, timeout: int = 600) -> dict:
     connect its process group (a port taken between choosing and binding it) is retried once;
     any other failure, assertion errors included, fails the test."""
     os.makedirs(out_dir, exist_ok=True)
-    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    env = {**{k: v for k, v in os.environ.items() if k not in DIST_ENV},  # never inherited
+           "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     for attempt in range(2):
         proc = subprocess.run([sys.executable, "-m", module, str(out_dir), json.dumps(cfg)],
                               cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)

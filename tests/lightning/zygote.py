@@ -17,6 +17,8 @@ import subprocess
 import sys
 import time
 
+from tests.envs import DIST_ENV
+
 
 def serve(rank: int, world: int) -> None:
     import lightning.pytorch  # noqa: F401  (imported once, inherited by every job)
@@ -65,7 +67,8 @@ class Pair:
     """Two zygotes (ranks 0 and 1) and a way to run a job on both."""
 
     def __init__(self, root: str, world: int = 2) -> None:
-        env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+        env = {**{k: v for k, v in os.environ.items() if k not in DIST_ENV},  # never inherited
+           "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
         self.procs = [subprocess.Popen([sys.executable, "-m", "tests.lightning.zygote", str(r),
                                         str(world)], cwd=root, env=env, stdin=subprocess.PIPE,
                                        stdout=subprocess.PIPE, text=True, bufsize=1)
