@@ -44,11 +44,9 @@ def train_once(data_kw: dict, model_kw: dict, group: dict, callbacks: list, seed
     trainer.fit(module, datamodule=dm)
     m = {k: float(v) for k, v in trainer.callback_metrics.items()}
     tables = [c for c in trainer.callbacks if type(c).__name__ in ("SparsityMonitor",)]
-    from lightning_sgl.callbacks._tables import tables_of
-    from lightning_sgl.callbacks.sparsity_monitor import feature_rates
+    from lightning_sgl.callbacks import model_feature_rate
 
-    t = tables_of(module, trainer.optimizers[0])
-    rate, _ = feature_rates(t.counts())
+    rate, _ = model_feature_rate(module, trainer.optimizers[0])
     lam = tables[0].lambda21 if tables else {}
     return {"auc": m.get("val_auc", float("nan")), "logloss": m.get("val_logloss", float("nan")),
             "rate": rate, "lambda21": statistics.fmean(lam.values()) if lam else None}

@@ -15,7 +15,6 @@ import functools
 import importlib
 import warnings
 
-import numpy as np
 import torch
 
 from lightning_sgl.optim.functional import get_rule, step_scalars
@@ -74,23 +73,24 @@ class HpMatrix:
 
     def __init__(self, optimizer: str, table_hp: list[dict], widths: list[int]):
         self.rule = get_rule(optimizer)
-        self.array = np.zeros((len(table_hp), len(HP_COLUMNS)), dtype=np.float64)
-        self.tensor = torch.from_numpy(self.array)  # shares memory: filled in place
+        self.tensor = torch.zeros(len(table_hp), len(HP_COLUMNS), dtype=torch.float64)
+        self.array = self.tensor  # filled in place
         self.step = None
         groups: dict[tuple, list[int]] = {}
         self.hps = []
         for t, (hp, width) in enumerate(zip(table_hp, widths)):
             betas = hp.get("betas", (0.0, 0.0))
-            self.array[t] = (
+            self.array[t] = torch.tensor((
                 hp["lr"], hp["lambda1"], hp["lambda21"], 2.0 * hp["lambda2"], hp["lambda2"],
                 hp.get("eps", 0.0), betas[0], 1.0 - betas[0], betas[1], 1.0 - betas[1],
-                hp.get("momentum", 0.0), 1.0, 1.0, hp["lr"], 0.0, width ** 0.5 * hp["lambda21"])
+                hp.get("momentum", 0.0), 1.0, 1.0, hp["lr"], 0.0, width ** 0.5 * hp["lambda21"]),
+                dtype=torch.float64)
             key = tuple((k, v) for k, v in sorted(hp.items()) if k not in ("lambda21",))
             if key not in groups:
                 groups[key] = []
                 self.hps.append(hp)
             groups[key].append(t)
-        self.groups = [np.array(v) for v in groups.values()]
+        self.groups = [torch.tensor(v) for v in groups.values()]
         self.cols = [HP_COLUMNS.index(c) for c in self._STEP_COLS]
 
     def at(self, step: float) -> torch.Tensor:

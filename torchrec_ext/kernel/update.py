@@ -28,7 +28,10 @@ from __future__ import annotations
 import math
 import warnings
 
-import numpy as np
+try:  # optional: NumPy's sort-based unique is faster on CPU; torch alone works too
+    import numpy as np
+except ImportError:  # pragma: no cover - exercised by the torch-only import test
+    np = None
 import torch
 from torch import Tensor
 
@@ -52,8 +55,8 @@ def warn_once(key: str, message: str) -> None:
 def unique_rows(rows: Tensor, sorted: bool = False) -> tuple[Tensor, Tensor]:
     """``(unique rows, inverse)`` of a batch's row ids. On CPU through NumPy's sort-based
     ``unique`` (2-3x faster than ``torch.unique`` for a few thousand ids; the result is sorted
-    either way), elsewhere ``torch.unique``."""
-    if rows.device.type == "cpu":
+    either way), elsewhere (or without NumPy) ``torch.unique``."""
+    if rows.device.type == "cpu" and np is not None:
         u, inv = np.unique(rows.numpy(), return_inverse=True)
         return torch.from_numpy(u), torch.from_numpy(inv.reshape(-1))
     return torch.unique(rows, sorted=sorted, return_inverse=True)
