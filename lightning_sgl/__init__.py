@@ -20,7 +20,7 @@ _LAZY = {
     "SparsityMonitor": ("lightning_sgl.callbacks", "SparsityMonitor"),
     "MagnitudePruning": ("lightning_sgl.callbacks", "MagnitudePruning"),
     "group_optimizers": ("lightning_sgl.factory", "group_optimizers"),
-    "GroupOptimizers": ("lightning_sgl.factory", "GroupOptimizers"),
+    "ModelOptimizer": ("lightning_sgl.factory", "ModelOptimizer"),
 }
 
 
@@ -51,5 +51,5 @@ __all__ = [
     "SparsityMonitor",
     "MagnitudePruning",
     "group_optimizers",
-    "GroupOptimizers",
+    "ModelOptimizer",
 ]

@@ -1,6 +1,6 @@
 """Lightning pieces for CTR experiments: a data module and a LightningModule (MLP, DCN, DLRM).
 
-``CTRDataModule`` serves the built-in synthetic set (or any ``SyntheticCTR``-like ids/labels, e.g.
+``CTRDataModule`` serves the built-in synthetic set (or any ``CTRDataset``-like ids/labels, e.g.
 from the readers in :mod:`lightning_sgl.data.readers`) as ``(features, labels)`` batches, where
 features are a TorchRec ``KeyedJaggedTensor`` (keys ``f0..f{F-1}``) for the TorchRec models or an
 ``ids [B, F]`` tensor for the plain ``nn.Embedding`` MLP.

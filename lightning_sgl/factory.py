@@ -1,6 +1,6 @@
 """``group_optimizers``: the fused table optimizers and a dense optimizer as one optimizer.
 
-Lightning steps one optimizer with a closure (forward + backward). ``GroupOptimizers.step(closure)``
+Lightning steps one optimizer with a closure (forward + backward). ``ModelOptimizer.step(closure)``
 runs the closure **exactly once**, then steps every part: the fused TorchRec tables were already
 updated inside backward (their ``step`` only pushes hyperparameters), the Group optimizer of plain
 ``nn.Embedding``/``nn.EmbeddingBag`` tables marked by the ``GroupLasso`` callback, and the dense
@@ -20,24 +20,38 @@ from torch.optim import Optimizer
 
 from .optim import GroupAdaHessian, GroupOptimizer
 
-__all__ = ["GroupOptimizers", "group_optimizers", "GROUP_LASSO_MARK"]
+__all__ = ["ModelOptimizer", "group_optimizers", "GROUP_LASSO_MARK"]
 
 #: attribute set by ``GroupLasso`` on plain embedding parameters: (optimizer class, kwargs)
 GROUP_LASSO_MARK = "_sgl_group_lasso"
 
 
-class GroupOptimizers(Optimizer):
-    """Several optimizers stepped as one, with the closure run exactly once per step.
+class ModelOptimizer(Optimizer):
+    """The optimizer of a whole model: several optimizers stepped as one ``torch.optim``
+    optimizer, the closure run exactly once per step.
+
+    What :func:`group_optimizers` returns (TorchRec's ``CombinedOptimizer`` pattern, for parts
+    that are not all keyed): ``param_groups`` is the list of every part's group dicts (the
+    same dicts, so LR schedulers and ``LearningRateMonitor`` act on the parts), ``state`` the
+    plain parts' state, ``state_dict()`` one entry per part. Step pre/post hooks and
+    ``state_dict``/``load_state_dict`` hooks registered on it fire as on any optimizer.
 
     Args:
-        parts: ``(name, optimizer)`` pairs; a TorchRec ``KeyedOptimizer`` of fused tables, Group
-            optimizers, dense ``torch.optim`` optimizers.
+        parts: ``(name, optimizer)`` pairs (``None`` optimizers are dropped): a TorchRec
+            ``KeyedOptimizer`` of fused tables, Group optimizers, dense ``torch.optim``
+            optimizers. Names must be unique.
+
+    Example::
+
+        opt = ModelOptimizer([("tables", GroupAdam(tables, lambda21=1e-4)),
+                              ("dense", torch.optim.Adam(mlp.parameters()))])
+        opt.step(closure)  # closure runs once; then every part steps
     """
 
     def __init__(self, parts: list[tuple[str, Any]]) -> None:
         parts = [(n, o) for n, o in parts if o is not None]
         if not parts:
-            raise ValueError("GroupOptimizers needs at least one optimizer")
+            raise ValueError("ModelOptimizer needs at least one optimizer")
         names = [n for n, _ in parts]
         if len(set(names)) != len(names):
             raise ValueError(f"Invalid parts: duplicate names {names}")
@@ -49,7 +63,9 @@ class GroupOptimizers(Optimizer):
         self._optimizer_state_dict_post_hooks = OrderedDict()
         self._optimizer_load_state_dict_pre_hooks = OrderedDict()
         self._optimizer_load_state_dict_post_hooks = OrderedDict()
-        self._zero_grad_profile_name = "GroupOptimizers.zero_grad"
+        # Optimizer.__init__ would add param groups (they belong to the parts); this is the rest
+        # of it, as TorchRec's CombinedOptimizer does: step() runs the step pre/post hooks
+        self._patch_step_function()
         #: number of times a closure was run by ``step`` (one per step)
         self.closure_calls = 0
 
@@ -59,7 +75,7 @@ class GroupOptimizers(Optimizer):
 
     @param_groups.setter
     def param_groups(self, value) -> None:
-        raise AttributeError("GroupOptimizers.param_groups is the union of its parts' groups")
+        raise AttributeError("ModelOptimizer.param_groups is the union of its parts' groups")
 
     @property
     def state(self):  # type: ignore[override]
@@ -72,7 +88,7 @@ class GroupOptimizers(Optimizer):
 
     @state.setter
     def state(self, value) -> None:
-        raise AttributeError("GroupOptimizers.state is its parts' state")
+        raise AttributeError("ModelOptimizer.state is its parts' state")
 
     def step(self, closure: Callable[[], Any] | None = None):  # type: ignore[override]
         """Run ``closure`` once (forward + backward; the fused tables update in backward), then
@@ -97,21 +113,37 @@ class GroupOptimizers(Optimizer):
             opt.zero_grad(set_to_none=set_to_none)
 
     def state_dict(self) -> dict[str, Any]:  # type: ignore[override]
-        return {name: opt.state_dict() for name, opt in self.parts.items()}
+        """``{part name: part.state_dict()}``; the state-dict pre/post hooks run around it."""
+        for hook in self._optimizer_state_dict_pre_hooks.values():
+            hook(self)
+        out = {name: opt.state_dict() for name, opt in self.parts.items()}
+        for hook in self._optimizer_state_dict_post_hooks.values():
+            result = hook(self, out)
+            if result is not None:
+                out = result
+        return out
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:  # type: ignore[override]
+        """Load every part (each validates before it mutates); refused as a whole when a part
+        is missing. The load pre/post hooks run around it."""
+        for hook in self._optimizer_load_state_dict_pre_hooks.values():
+            result = hook(self, state_dict)
+            if result is not None:
+                state_dict = result
         missing = [n for n in self.parts if n not in state_dict]
         if missing:
             raise ValueError(f"Invalid state_dict: no state for parts {missing} "
                              f"(has {sorted(state_dict)})")
         for name, opt in self.parts.items():
             opt.load_state_dict(state_dict[name])
+        for hook in self._optimizer_load_state_dict_post_hooks.values():
+            hook(self)
 
     def add_param_group(self, param_group: dict) -> None:
         raise NotImplementedError("add param groups to the part optimizers")
 
     def __repr__(self) -> str:
-        return f"GroupOptimizers({', '.join(f'{n}={type(o).__name__}' for n, o in self.parts.items())})"
+        return f"ModelOptimizer({', '.join(f'{n}={type(o).__name__}' for n, o in self.parts.items())})"
 
 
 def _fused_optimizer(module: nn.Module):
@@ -135,7 +167,7 @@ def _fused_optimizer(module: nn.Module):
 
 
 def group_optimizers(module: nn.Module, dense: Any = torch.optim.Adam,
-                     **dense_kwargs: Any) -> GroupOptimizers:
+                     **dense_kwargs: Any) -> ModelOptimizer:
     """Build the optimizer a LightningModule returns from ``configure_optimizers``.
 
     Args:
@@ -178,4 +210,4 @@ def group_optimizers(module: nn.Module, dense: Any = torch.optim.Adam,
             dense_kwargs.setdefault("group_by", "none")
         dense_opt = dense(rest, **dense_kwargs)
     parts = [("fused", fused), ("tables", tables), ("dense", dense_opt)]
-    return GroupOptimizers(parts)
+    return ModelOptimizer(parts)

@@ -45,7 +45,7 @@ class EmbeddingMLP(nn.Module):
 
 def train_embedding_mlp(make_optimizer, data, epochs: int = 2, batch: int = 256, seed: int = 1,
                         dim: int = 8, on_epoch=None):
-    """Train an :class:`EmbeddingMLP` on ``data`` (a ``SyntheticCTR``-like set, head 80% for
+    """Train an :class:`EmbeddingMLP` on ``data`` (a ``CTRDataset``-like set, head 80% for
     training) with ``make_optimizer(model)``; returns ``(model, test logits, test set)``.
 
     ``on_epoch(epoch, mean_train_loss)`` is called after each epoch (e.g. to print progress).

@@ -31,6 +31,10 @@ _META = "lightning_meta.pt"
 _PLACEHOLDER = "__lightning_sgl_dcp__:"
 
 
+#: DDPStrategy arguments that DMP's own DDP wrapper cannot honour
+_UNSUPPORTED_DDP = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
+
+
 def _is_sharded(value: Any) -> bool:
     from torch.distributed._shard.sharded_tensor import ShardedTensor
     from torch.distributed.tensor import DTensor
@@ -94,7 +98,17 @@ class TorchRecStrategy(DDPStrategy):
         sharders: module sharders (default: :func:`torchrec_ext.group_sharders`).
         verify_checkpoints: check every file of a checkpoint against its manifest (size and
             SHA-256) before loading it (default ``True``).
-        **kwargs: passed to ``DDPStrategy`` (``process_group_backend``, timeouts, ...).
+        **kwargs: ``DDPStrategy``'s own arguments (``process_group_backend``, ``timeout``,
+            ``cluster_environment``, ...) and ``DistributedDataParallel`` keyword arguments
+            (``find_unused_parameters``, ``static_graph``, ``bucket_cap_mb``, ...), which reach
+            the DDP that ``DistributedModelParallel`` wraps the dense part in (through TorchRec's
+            ``DefaultDataParallelWrapper``). DDP communication hooks, model averaging and
+            ``sync_batchnorm`` are refused with an error: DMP builds the DDP wrapper itself.
+
+    ``setup`` does not run ``DDPStrategy.setup``: that would wrap the model in a second DDP and,
+    outside fitting, broadcast rank 0's module state -- which for sharded tables would overwrite
+    every rank's shards with rank 0's. It runs the same steps in the order DMP needs (shard,
+    then optimizers).
 
     ``fit``, ``validate``, ``test`` and ``predict`` all run on the sharded model (the same DMP is
     reused by later stages of one Trainer). Checkpoints (``ModelCheckpoint`` top-k and last,
@@ -109,6 +123,13 @@ class TorchRecStrategy(DDPStrategy):
         if not isinstance(verify_checkpoints, bool):
             raise ValueError(f"Invalid verify_checkpoints: {verify_checkpoints!r} (valid options: "
                              "True, False)")
+        bad = [k for k in _UNSUPPORTED_DDP if kwargs.get(k) is not None]
+        if bad:
+            raise ValueError(
+                f"Invalid argument {bad[0]}: TorchRecStrategy does not support DDP communication "
+                "hooks or model averaging (DistributedModelParallel builds the DDP wrapper of "
+                "the dense part itself); DistributedDataParallel keyword arguments such as "
+                "find_unused_parameters, static_graph or bucket_cap_mb are supported")
         super().__init__(**kwargs)
         self._plan = plan
         self._constraints = constraints
@@ -130,6 +151,10 @@ class TorchRecStrategy(DDPStrategy):
 
     def setup(self, trainer) -> None:
         assert self.accelerator is not None
+        if self._layer_sync is not None:
+            raise ValueError("Invalid Trainer(sync_batchnorm=True): TorchRecStrategy does not "
+                             "convert layers (DistributedModelParallel owns the module); use "
+                             "torch.nn.SyncBatchNorm in the model itself")
         self.accelerator.setup(trainer)
         self.precision_plugin.convert_module(self.model)
         self._shard(trainer)
@@ -158,9 +183,22 @@ class TorchRecStrategy(DDPStrategy):
                 constraints=self._constraints)
             plan = planner.collective_plan(module, sharders, pg)
         self._dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(pg),
-                                             device=self.root_device, plan=plan, sharders=sharders)
+                                             device=self.root_device, plan=plan, sharders=sharders,
+                                             data_parallel_wrapper=self._ddp_wrapper())
         rank_zero_info(f"TorchRecStrategy: sharding plan\n{self._dmp.plan}")
         self.model = self._dmp
+
+    def _ddp_wrapper(self):
+        """TorchRec's DDP wrapper of the dense part, with the user's DDP keyword arguments
+        (``None``: DMP's default)."""
+        if not self._ddp_kwargs:
+            return None
+        from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
+
+        kw = dict(self._ddp_kwargs)
+        named = {k: kw.pop(k) for k in ("bucket_cap_mb", "static_graph",
+                                        "find_unused_parameters") if k in kw}
+        return DefaultDataParallelWrapper(**named, ddp_kwargs=kw)
 
     @property
     def dmp(self):

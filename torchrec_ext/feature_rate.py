@@ -15,7 +15,7 @@ from torch import Tensor, nn
 from .kernel import GroupTBE
 from .sharder import ShardedGroupEmbeddingBagCollection
 
-__all__ = ["group_modules", "feature_counts", "seen_row_norms", "all_group_kernels",
+__all__ = ["group_modules", "feature_counts", "shrink_norms", "all_group_kernels",
            "seen_row_weight_norms", "prune_seen_rows", "plan_tables"]
 
 _COLUMN = ("column_wise", "table_column_wise")
@@ -142,10 +142,10 @@ def _per_table(module: nn.Module, local) -> dict[str, tuple[Tensor, int]]:
 
 
 @torch.no_grad()
-def seen_row_norms(module: nn.Module) -> dict[str, tuple[Tensor, int]]:
+def shrink_norms(module: nn.Module) -> dict[str, tuple[Tensor, int]]:
     """Local shrink norms of seen rows per table (each row reported by one rank) and the group
-    width; see :meth:`GroupTBE.seen_row_norms`. Collective for column-sharded tables."""
-    return _per_table(module, lambda k: k.seen_row_norms())
+    width; see :meth:`GroupTBE.shrink_norms`. Collective for column-sharded tables."""
+    return _per_table(module, lambda k: k.shrink_norms())
 
 
 @torch.no_grad()

@@ -35,7 +35,7 @@ from .embedding import GROUP_OPTIMIZER_TAG, GroupFusedEmbeddingBag, is_group_fus
 from .kernel import GroupTBE
 
 __all__ = ["apply_group_optimizer", "group_sharders", "GroupEmbeddingBagCollectionSharder",
-           "ShardedGroupEmbeddingBagCollection", "group_kernels", "is_group_tagged"]
+           "ShardedGroupEmbeddingBagCollection", "creating_group_kernels", "is_group_tagged"]
 
 #: every keyword a fused Group optimizer takes (hyperparameters of the fusable specs and flags)
 _OPTION_KEYS = (*hyperparameter_names(), *FLAGS)
@@ -98,7 +98,7 @@ def is_group_tagged(param) -> bool:
 
 
 @contextlib.contextmanager
-def group_kernels():
+def creating_group_kernels():
     """While active, grouped configs tagged for a Group optimizer get our fused kernel."""
     original = GroupedPooledEmbeddingsLookup._create_embedding_kernel
 
@@ -135,7 +135,7 @@ class ShardedGroupEmbeddingBagCollection(ShardedEmbeddingBagCollection):
         self._setup_column_groups(table_name_to_parameter_sharding, env)
 
     def _create_lookups(self) -> None:
-        with group_kernels():
+        with creating_group_kernels():
             super()._create_lookups()
 
     def group_kernels(self) -> list[GroupTBE]:

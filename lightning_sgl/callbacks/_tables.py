@@ -14,7 +14,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from ..factory import GROUP_LASSO_MARK, GroupOptimizers
+from ..factory import GROUP_LASSO_MARK, ModelOptimizer
 
 __all__ = ["tables_of", "TorchRecTables", "DenseTables"]
 
@@ -32,7 +32,7 @@ class TorchRecTables:
         return self._fr.feature_counts(self.module)
 
     def norms(self) -> dict[str, tuple[Tensor, int]]:
-        return self._fr.seen_row_norms(self.module)
+        return self._fr.shrink_norms(self.module)
 
     def _local(self, name: str) -> str:
         return name.rsplit(".", 1)[-1]
@@ -63,7 +63,7 @@ class TorchRecTables:
 
 
 class DenseTables:
-    def __init__(self, module: nn.Module, optimizer: GroupOptimizers):
+    def __init__(self, module: nn.Module, optimizer: ModelOptimizer):
         self.opt = optimizer.parts.get("tables")
         self.params: dict[str, nn.Parameter] = {}
         if self.opt is not None:
@@ -91,7 +91,7 @@ class DenseTables:
         return t if not dist.is_initialized() or dist.get_rank() == 0 else t[:0]
 
     def norms(self) -> dict[str, tuple[Tensor, int]]:
-        return {name: (self._once(self.opt.seen_row_norms(p)), p.shape[1])
+        return {name: (self._once(self.opt.shrink_norms(p)), p.shape[1])
                 for name, p in self.params.items()}
 
     def lambda21(self) -> dict[str, float]:
@@ -126,7 +126,7 @@ def tables_of(pl_module, optimizer=None):
             return TorchRecTables(pl_module)
     except ImportError:  # pragma: no cover
         pass
-    if isinstance(optimizer, GroupOptimizers):
+    if isinstance(optimizer, ModelOptimizer):
         dense = DenseTables(pl_module, optimizer)
         if dense.names:
             return dense

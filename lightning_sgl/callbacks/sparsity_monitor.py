@@ -29,7 +29,8 @@ from lightning.pytorch.utilities.rank_zero import rank_zero_info
 from ..factory import GROUP_LASSO_MARK
 from ._tables import allreduce_cpu, tables_of
 
-__all__ = ["SparsityMonitor", "bisect_lambda21", "feature_rates", "global_threshold"]
+__all__ = ["SparsityMonitor", "bisect_threshold", "feature_rates", "global_threshold",
+           "model_feature_rate"]
 
 
 def feature_rates(counts: dict[str, tuple[int, int]]) -> tuple[float, dict[str, float]]:
@@ -39,10 +40,37 @@ def feature_rates(counts: dict[str, tuple[int, int]]) -> tuple[float, dict[str, 
     return (sum(nz for _, nz in counts.values()) / seen if seen else 0.0), per
 
 
-def bisect_lambda21(count: Callable[[float], float], target: float, hi: float,
+def model_feature_rate(pl_module: pl.LightningModule, optimizer: Any = None
+                       ) -> tuple[float, dict[str, float]]:
+    """The feature rate of a module's Group tables, overall and per table (what
+    :class:`SparsityMonitor` reports), with or without a monitor.
+
+    Args:
+        pl_module: the (sharded) LightningModule.
+        optimizer: ``trainer.optimizers[0]``; needed for plain ``nn.Embedding`` tables trained
+            by ``group_optimizers`` (fused TorchRec tables are found from the module).
+
+    Cost: O(tables) for fused tables (the kernels' incremental counts) plus one all-reduce;
+    O(rows seen) for plain tables. Collective when distributed: call it on every rank.
+    Returns ``(0.0, {})`` when the module has no Group table.
+    """
+    tables = tables_of(pl_module, optimizer)
+    return feature_rates(tables.counts()) if tables is not None else (0.0, {})
+
+
+def bisect_threshold(count: Callable[[float], float], target: float, hi: float,
                     lo: float = 1e-12, iters: int = 60) -> float:
-    """The smallest ``lambda21`` (to bisection precision, in log space) with
-    ``count(lambda21) <= target``, for a non-increasing ``count``."""
+    """The smallest threshold ``t`` (to bisection precision, in log space) with
+    ``count(t) <= target``, for a non-increasing ``count``: the ``lambda21`` that meets a
+    feature-rate target, or a magnitude-pruning threshold.
+
+    Args:
+        count: non-increasing function of the threshold (e.g. rows whose norm exceeds it).
+        target: the count to reach.
+        hi: an upper bound of the answer (``count(hi) <= target``).
+        lo: the smallest threshold considered (returned when ``count(lo) <= target``).
+        iters: bisection steps, each one call of ``count``.
+    """
     if count(lo) <= target:
         return lo
     hi = max(hi, lo * 2)
@@ -68,7 +96,7 @@ def global_threshold(local: dict[str, tuple[torch.Tensor, float]], keep: int,
         local_count = sum(float((v > sc * t).sum()) for v, sc in local.values())
         return float(allreduce_cpu(torch.tensor([local_count], dtype=torch.float64)))
 
-    return bisect_lambda21(count, keep, top * 1.0001 + lo, lo=lo)
+    return bisect_threshold(count, keep, top * 1.0001 + lo, lo=lo)
 
 
 class SparsityMonitor(Callback):

@@ -1,5 +1,6 @@
-"""Data sets for CTR experiments (synthetic now; Criteo/Avazu/MovieLens readers later)."""
+"""CTR data sets: the synthetic set with planted ground truth and readers of public formats
+(:mod:`.readers`), both as :class:`CTRDataset`."""
 
-from .synthetic import SyntheticCTR, make_synthetic_ctr
+from .synthetic import CTRDataset, make_synthetic_ctr
 
-__all__ = ["SyntheticCTR", "make_synthetic_ctr"]
+__all__ = ["CTRDataset", "make_synthetic_ctr"]

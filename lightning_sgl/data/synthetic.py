@@ -20,12 +20,23 @@ import torch
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-__all__ = ["SyntheticCTR", "make_synthetic_ctr"]
+__all__ = ["CTRDataset", "make_synthetic_ctr"]
 
 
 @dataclass
-class SyntheticCTR:
-    """Samples and ground truth. ``ids[:, f]`` are ids local to field ``f`` (``< vocab_sizes[f]``)."""
+class CTRDataset:
+    """A CTR data set held in memory: categorical ids per field, click labels and, for the
+    synthetic set, the planted ground truth (what the real-data readers return too, with
+    ``informative`` empty and ``probabilities`` NaN).
+
+    Args:
+        ids: ``[N, F]`` int64; ``ids[:, f]`` are ids local to field ``f`` (``< vocab_sizes[f]``).
+        labels: ``[N]`` float32 in ``{0, 1}``.
+        vocab_sizes: rows of each field's table.
+        informative: per field, the sorted ids that carry signal (empty for real data).
+        weights: per field, ``[vocab]`` true weights (0 for noise ids; zeros for real data).
+        probabilities: ``[N]`` true click probabilities (NaN for real data).
+    """
 
     ids: Tensor  # [N, F] int64
     labels: Tensor  # [N] float32 in {0, 1}
@@ -38,15 +49,15 @@ class SyntheticCTR:
     def num_fields(self) -> int:
         return len(self.vocab_sizes)
 
-    def split(self, train_fraction: float = 0.8) -> tuple[SyntheticCTR, SyntheticCTR]:
+    def split(self, train_fraction: float = 0.8) -> tuple[CTRDataset, CTRDataset]:
         """Head/tail split (the tail plays the role of the later test days)."""
         if not 0.0 < train_fraction < 1.0:
             raise ValueError(f"Invalid train_fraction: {train_fraction} (valid range: (0, 1))")
         n = int(len(self.labels) * train_fraction)
-        a = SyntheticCTR(self.ids[:n], self.labels[:n], self.vocab_sizes, self.informative,
-                         self.weights, self.probabilities[:n])
-        b = SyntheticCTR(self.ids[n:], self.labels[n:], self.vocab_sizes, self.informative,
-                         self.weights, self.probabilities[n:])
+        a = CTRDataset(self.ids[:n], self.labels[:n], self.vocab_sizes, self.informative,
+                       self.weights, self.probabilities[:n])
+        b = CTRDataset(self.ids[n:], self.labels[n:], self.vocab_sizes, self.informative,
+                       self.weights, self.probabilities[n:])
         return a, b
 
     def dataset(self) -> TensorDataset:
@@ -75,7 +86,7 @@ def make_synthetic_ctr(
     bias: float = -1.0,
     min_informative_count: float = 50.0,
     seed: int = 0,
-) -> SyntheticCTR:
+) -> CTRDataset:
     """Generate the data set (deterministic for a given ``seed``).
 
     Args:
@@ -131,4 +142,4 @@ def make_synthetic_ctr(
             weights[1][ids_t[:, 1]])
     p = torch.sigmoid(logits)
     labels = torch.bernoulli(p, generator=gen).float()
-    return SyntheticCTR(ids_t, labels, sizes, informative, [w.float() for w in weights], p.float())
+    return CTRDataset(ids_t, labels, sizes, informative, [w.float() for w in weights], p.float())

@@ -96,10 +96,23 @@ def resolve_group_by(p: Tensor, option: str, name: str | None = None) -> str:
 
 
 class GroupOptimizer(Optimizer):
-    """Base class of the Group optimizers (Algorithm 1 of Yue et al.).
+    """Base class of the Group optimizers (Algorithm 1 of Yue et al.): the ``torch.optim``
+    front end of the math core (:mod:`lightning_sgl.optim.functional`).
 
-    Subclasses set ``rule`` (a key of :data:`._moments.RULES`) and implement
-    ``_validate_extra(group)`` for their own hyperparameters.
+    A new optimizer is one moment rule and one spec in the math core plus a thin subclass that
+    sets ``rule`` (the rule's name) and validates its own hyperparameters in
+    ``_validate_extra(group)``; state, grouping, dense and lazy sparse steps, the non-finite
+    policy and the compiled path live here.
+
+    Args:
+        params: an iterable of parameters or param-group dicts.
+        defaults: the hyperparameters of every param group (``lr``, the lambdas, the flags
+            ``group_by``, ``rowwise``, ``exact_group_norm``, ``nonfinite``, ``compiled`` and the
+            rule's own), validated here; see the subclasses for their meaning.
+
+    Reference:
+        Yue et al., "Adaptive Optimizers with Sparse Group Lasso for Neural Networks in CTR
+        Prediction", Algorithm 1.
     """
 
     rule: ClassVar[str]
@@ -378,7 +391,7 @@ class GroupOptimizer(Optimizer):
         return seen.bool(), p.ne(0).any(dim=1)
 
     @torch.no_grad()
-    def seen_row_norms(self, p: Tensor) -> Tensor:
+    def shrink_norms(self, p: Tensor) -> Tensor:
         """Shrink norms (see ``_functional.group_norms``) of the seen rows of ``p``."""
         group, gb = self._param_info(p)
         state = self.state.get(p)

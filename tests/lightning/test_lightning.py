@@ -197,23 +197,23 @@ def test_sparsity_monitor_without_tables_raises_at_setup():
 
 
 def test_bisect_lambda21_finds_the_threshold():
-    from lightning_sgl.callbacks import bisect_lambda21
+    from lightning_sgl.callbacks import bisect_threshold
 
     norms = torch.tensor([0.1, 0.5, 1.0, 2.0, 4.0])
 
     def count(lam):
         return float((norms > lam).sum())
 
-    lam = bisect_lambda21(count, 2, hi=10.0)
+    lam = bisect_threshold(count, 2, hi=10.0)
     assert count(lam) == 2 and abs(lam - 1.0) <= 1e-6  # the norm 1.0 itself is the threshold
 
 
 def test_group_optimizers_runs_the_closure_once_and_steps_every_part():
     from lightning_sgl import GroupAdam
-    from lightning_sgl.factory import GroupOptimizers
+    from lightning_sgl.factory import ModelOptimizer
 
     a, b = torch.nn.Linear(3, 1), torch.nn.Linear(3, 1)
-    opt = GroupOptimizers([("tables", GroupAdam(a.parameters(), lr=0.1)),
+    opt = ModelOptimizer([("tables", GroupAdam(a.parameters(), lr=0.1)),
                            ("dense", torch.optim.SGD(b.parameters(), lr=0.1))])
     calls = []
 

@@ -203,7 +203,7 @@ def reapply_prox(kernel) -> None:
 
 @torch.no_grad()
 def shrink_norms(kernel) -> dict[str, Tensor]:
-    """Per table: the shrink norms of its seen rows (see ``GroupTBE.seen_row_norms``)."""
+    """Per table: the shrink norms of its seen rows (see ``GroupTBE.shrink_norms``)."""
     step = max(float(kernel.step.item()), 1.0)
     hp = kernel.current_hyperparameters()
     out: dict[str, list] = {}

@@ -409,7 +409,7 @@ class GroupTBE(nn.Module):
         collective for column-sharded tables: call it on every rank."""
         rows.reapply_prox(self)
 
-    def seen_row_norms(self) -> dict[str, Tensor]:
+    def shrink_norms(self) -> dict[str, Tensor]:
         """Per table: the shrink norms of its seen rows (``group_norms``; a row is zero after
         ``reapply_prox`` iff its norm <= sqrt(d) * lambda21, d the table's full width). A
         column-sharded table's rows are reported once, by its column-offset-0 shard. Collective
