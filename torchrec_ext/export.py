@@ -72,11 +72,24 @@ def export_compact(weights: dict[str, Tensor], configs) -> dict[str, CompactTabl
 
 
 def save_compact(tables: dict[str, CompactTable], path: str) -> dict[str, int]:
-    """Write the documented format; returns ``{"compact_bytes", "full_bytes"}``."""
+    """Write the documented format atomically (temporary file in the same folder, fsync,
+    rename); returns ``{"compact_bytes", "full_bytes"}``."""
     payload = {"format": FORMAT, "tables": {
         n: {"ids": t.ids, "weights": t.weights, "num_embeddings": t.num_embeddings,
             "feature_names": t.feature_names, "pooling": t.pooling} for n, t in tables.items()}}
-    torch.save(payload, path)
+    # atomic: a crash leaves the previous file or the new one, never a truncated mix
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=".compact-", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(payload, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
     full = sum(t.num_embeddings * t.weights.shape[1] * t.weights.element_size()
                for t in tables.values())
     return {"compact_bytes": sum(t.nbytes for t in tables.values()), "full_bytes": full}

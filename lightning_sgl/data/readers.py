@@ -25,7 +25,7 @@ from collections import Counter
 
 import torch
 
-from .synthetic import SyntheticCTR
+from .synthetic import CTRDataset
 
 __all__ = ["read", "read_criteo", "read_avazu", "read_movielens"]
 
@@ -48,72 +48,124 @@ def _encode(columns: list[list[str]], min_count: int) -> tuple[torch.Tensor, lis
     return torch.stack(ids, dim=1), sizes
 
 
-def _container(ids: torch.Tensor, labels: list[float], sizes: list[int]) -> SyntheticCTR:
+def _container(ids: torch.Tensor, labels: list[float], sizes: list[int]) -> CTRDataset:
     y = torch.tensor(labels, dtype=torch.float32)
-    return SyntheticCTR(ids=ids, labels=y, vocab_sizes=sizes, informative=[torch.zeros(0,
+    return CTRDataset(ids=ids, labels=y, vocab_sizes=sizes, informative=[torch.zeros(0,
                         dtype=torch.long)] * len(sizes), weights=[torch.zeros(s) for s in sizes],
                         probabilities=torch.full_like(y, float("nan")))
 
 
-def _int_bucket(v: str) -> str:
+class _Lines:
+    """The lines of a text file, counted: decoding errors become ``ValueError`` naming the file
+    and line (``line`` is the number of the last line read, 1-based)."""
+
+    def __init__(self, path: str, fmt: str, encoding: str = "utf-8"):
+        self.path, self.fmt, self.encoding, self.line = path, fmt, encoding, 0
+
+    def __iter__(self):
+        with open(self.path, "rb") as f:  # decoded line by line: errors point at their line
+            for raw in f:
+                self.line += 1
+                try:
+                    yield raw.decode(self.encoding)
+                except UnicodeDecodeError as err:
+                    raise self.error(f"not {self.encoding} text ({err.reason} at byte "
+                                     f"{err.start} of the line)") from None
+
+    def error(self, what: str, line: int | None = None) -> ValueError:
+        n = line if line is not None else max(self.line, 1)
+        return ValueError(f"Invalid {self.fmt} file {self.path!r}, line {n}: {what}")
+
+
+def _label(value: str, lines: _Lines, name: str = "label") -> float:
+    """A click label: 0 or 1 (also written 0.0 / 1.0); anything else is refused."""
+    try:
+        y = float(value)
+    except ValueError:
+        raise lines.error(f"{name} {value!r} is not a number (expected 0 or 1)") from None
+    if y not in (0.0, 1.0):
+        raise lines.error(f"{name} {value!r} is not 0 or 1")
+    return y
+
+
+def _int_bucket(v: str, lines: _Lines, field: str) -> str:
     if v == "":
         return "missing"
-    x = int(v)
+    try:
+        x = int(v)
+    except ValueError:
+        raise lines.error(f"integer feature {field} is {v!r} (expected an integer or empty)"
+                          ) from None
     return "neg" if x < 0 else str(int(math.floor(math.log2(x + 1))))
 
 
-def read_criteo(path: str, max_rows: int | None = None, min_count: int = 1) -> SyntheticCTR:
+def read_criteo(path: str, max_rows: int | None = None, min_count: int = 1) -> CTRDataset:
     from torchrec.datasets.criteo import CAT_FEATURE_COUNT, INT_FEATURE_COUNT
 
     n_fields = INT_FEATURE_COUNT + CAT_FEATURE_COUNT
     cols: list[list[str]] = [[] for _ in range(n_fields)]
     labels = []
-    with open(path) as f:
-        for i, line in enumerate(f):
-            if max_rows is not None and i >= max_rows:
-                break
-            parts = line.rstrip("\n").split("\t")
-            if len(parts) != 1 + n_fields:
-                raise ValueError(f"Invalid Criteo line {i + 1} in {path}: {len(parts)} columns "
-                                 f"(expected {1 + n_fields}: label, 13 integer, 26 categorical)")
-            labels.append(float(parts[0]))
-            for j in range(INT_FEATURE_COUNT):
-                cols[j].append(_int_bucket(parts[1 + j]))
-            for j in range(CAT_FEATURE_COUNT):
-                cols[INT_FEATURE_COUNT + j].append(parts[1 + INT_FEATURE_COUNT + j])
+    lines = _Lines(path, "Criteo")
+    for i, line in enumerate(lines):
+        if max_rows is not None and i >= max_rows:
+            break
+        parts = line.rstrip("\r\n").split("\t")
+        if len(parts) != 1 + n_fields:
+            raise lines.error(f"{len(parts)} tab-separated columns (expected {1 + n_fields}: "
+                              f"label, {INT_FEATURE_COUNT} integer, {CAT_FEATURE_COUNT} "
+                              "categorical)")
+        labels.append(_label(parts[0], lines))
+        for j in range(INT_FEATURE_COUNT):
+            cols[j].append(_int_bucket(parts[1 + j], lines, f"I{j + 1}"))
+        for j in range(CAT_FEATURE_COUNT):
+            cols[INT_FEATURE_COUNT + j].append(parts[1 + INT_FEATURE_COUNT + j])
     ids, sizes = _encode(cols, min_count)
     return _container(ids, labels, sizes)
 
 
-def read_avazu(path: str, max_rows: int | None = None, min_count: int = 1) -> SyntheticCTR:
-    labels, cols = [], None
-    with open(path, newline="") as f:
-        reader = csv.DictReader(f)
-        if reader.fieldnames is None or "click" not in reader.fieldnames:
-            raise ValueError(f"Invalid Avazu file {path}: a CSV header with 'click' is required")
-        names = [c for c in reader.fieldnames if c not in ("id", "click", "hour")]
-        cols = [[] for _ in range(len(names) + 2)]
-        for i, row in enumerate(reader):
-            if max_rows is not None and i >= max_rows:
-                break
-            labels.append(float(row["click"]))
-            hour = row.get("hour", "")
-            cols[0].append(hour[-2:])  # hour of day
-            cols[1].append(hour[:6])  # day (YYMMDD)
-            for j, c in enumerate(names):
-                cols[2 + j].append(row[c])
+def read_avazu(path: str, max_rows: int | None = None, min_count: int = 1) -> CTRDataset:
+    labels = []
+    lines = _Lines(path, "Avazu")
+    reader = csv.reader(lines)
+    header = next(reader, None)
+    if header is None or "click" not in header:
+        raise lines.error("a CSV header with 'click' is required", line=1)
+    pos = {c: k for k, c in enumerate(header)}
+    names = [c for c in header if c not in ("id", "click", "hour")]
+    cols: list[list[str]] = [[] for _ in range(len(names) + 2)]
+    for i, row in enumerate(reader):
+        if max_rows is not None and i >= max_rows:
+            break
+        if len(row) != len(header):
+            raise lines.error(f"{len(row)} comma-separated fields (the header has "
+                              f"{len(header)})")
+        labels.append(_label(row[pos["click"]], lines, "click"))
+        hour = row[pos["hour"]] if "hour" in pos else ""
+        cols[0].append(hour[-2:])  # hour of day
+        cols[1].append(hour[:6])  # day (YYMMDD)
+        for j, c in enumerate(names):
+            cols[2 + j].append(row[pos[c]])
     ids, sizes = _encode(cols, min_count)
     return _container(ids, labels, sizes)
 
 
-def _read_atomic(path: str) -> list[dict[str, str]]:
-    """A RecBole atomic file (tab-separated, header ``name:type``)."""
-    with open(path, encoding="utf-8", errors="replace") as f:
-        header = [h.split(":")[0] for h in f.readline().rstrip("\n").split("\t")]
-        return [dict(zip(header, line.rstrip("\n").split("\t"))) for line in f]
+def _read_atomic(lines: _Lines | str):
+    """The rows of a RecBole atomic file (tab-separated, header ``name:type``) as dicts; a row
+    whose field count differs from the header's is refused naming the file and line."""
+    # latin-1: the shipped item titles are not all UTF-8 (only ids and numbers are used)
+    lines = lines if isinstance(lines, _Lines) else _Lines(lines, "RecBole atomic", "latin-1")
+    header = None
+    for line in lines:
+        parts = line.rstrip("\r\n").split("\t")
+        if header is None:
+            header = [h.split(":")[0] for h in parts]
+            continue
+        if len(parts) != len(header):
+            raise lines.error(f"{len(parts)} tab-separated fields (the header has {len(header)})")
+        yield dict(zip(header, parts))
 
 
-def _read_movielens_atomic(folder: str, max_rows: int | None, min_count: int) -> SyntheticCTR:
+def _read_movielens_atomic(folder: str, max_rows: int | None, min_count: int) -> CTRDataset:
     """MovieLens-100K in RecBole's atomic format (``ml-100k.inter``, ``.user``, ``.item``)."""
     base = next(os.path.join(folder, f)[: -len(".inter")] for f in sorted(os.listdir(folder))
                 if f.endswith(".inter"))
@@ -123,10 +175,11 @@ def _read_movielens_atomic(folder: str, max_rows: int | None, min_count: int) ->
              for r in _read_atomic(base + ".item")} if os.path.exists(base + ".item") else {}
     labels: list[float] = []
     cols: list[list[str]] = [[], []] + ([[], [], []] if users else []) + ([[]] if items else [])
-    for i, r in enumerate(_read_atomic(base + ".inter")):
+    inter = _Lines(base + ".inter", "RecBole atomic", "latin-1")
+    for i, r in enumerate(_read_atomic(inter)):
         if max_rows is not None and i >= max_rows:
             break
-        labels.append(1.0 if float(r["rating"]) >= 4 else 0.0)
+        labels.append(1.0 if _rating(r["rating"], inter) >= 4 else 0.0)
         cols[0].append(r["user_id"])
         cols[1].append(r["item_id"])
         k = 2
@@ -140,7 +193,17 @@ def _read_movielens_atomic(folder: str, max_rows: int | None, min_count: int) ->
     return _container(ids, labels, sizes)
 
 
-def read_movielens(path: str, max_rows: int | None = None, min_count: int = 1) -> SyntheticCTR:
+def _rating(value: str, lines: _Lines) -> float:
+    try:
+        r = float(value)
+    except ValueError:
+        raise lines.error(f"rating {value!r} is not a number") from None
+    if not math.isfinite(r):
+        raise lines.error(f"rating {value!r} is not finite")
+    return r
+
+
+def read_movielens(path: str, max_rows: int | None = None, min_count: int = 1) -> CTRDataset:
     if os.path.isdir(path) and any(f.endswith(".inter") for f in os.listdir(path)):
         return _read_movielens_atomic(path, max_rows, min_count)
     data = os.path.join(path, "u.data") if os.path.isdir(path) else path
@@ -161,26 +224,29 @@ def read_movielens(path: str, max_rows: int | None = None, min_count: int = 1) -
                 items[parts[0]] = first
     labels = []
     cols: list[list[str]] = [[], []] + ([[], [], []] if users else []) + ([[]] if items else [])
-    with open(data) as f:
-        for i, line in enumerate(f):
-            if max_rows is not None and i >= max_rows:
-                break
-            user, item, rating, _ = line.split()
-            labels.append(1.0 if int(rating) >= 4 else 0.0)
-            cols[0].append(user)
-            cols[1].append(item)
-            k = 2
-            if users:
-                for j, v in enumerate(users.get(user, ["?", "?", "?"])):
-                    cols[k + j].append(v)
-                k += 3
-            if items:
-                cols[k].append(items.get(item, "none"))
+    lines = _Lines(data, "MovieLens", encoding="latin-1")
+    for i, line in enumerate(lines):
+        if max_rows is not None and i >= max_rows:
+            break
+        parts = line.split()
+        if len(parts) != 4:
+            raise lines.error(f"{len(parts)} fields (expected user, item, rating, timestamp)")
+        user, item, rating, _ = parts
+        labels.append(1.0 if _rating(rating, lines) >= 4 else 0.0)
+        cols[0].append(user)
+        cols[1].append(item)
+        k = 2
+        if users:
+            for j, v in enumerate(users.get(user, ["?", "?", "?"])):
+                cols[k + j].append(v)
+            k += 3
+        if items:
+            cols[k].append(items.get(item, "none"))
     ids, sizes = _encode(cols, min_count)
     return _container(ids, labels, sizes)
 
 
-def read(source: str, path: str, max_rows: int | None = None, min_count: int = 1) -> SyntheticCTR:
+def read(source: str, path: str, max_rows: int | None = None, min_count: int = 1) -> CTRDataset:
     """Read ``source`` in {"criteo", "avazu", "movielens"} from ``path``."""
     readers = {"criteo": read_criteo, "avazu": read_avazu, "movielens": read_movielens}
     if source not in readers:

@@ -19,7 +19,8 @@ def test_criteo_tsv(tmp_path):
     assert all(int(d.ids[:, f].max()) < v for f, v in enumerate(d.vocab_sizes))
     a, b = d.split(0.5)
     assert len(a.labels) == 3
-    with pytest.raises(ValueError, match=r"Invalid Criteo line 1.*expected 40"):
+    with pytest.raises(ValueError, match=r"Invalid Criteo file .*bad.txt.*, line 1: 2 tab-"
+                                         r"separated columns \(expected 40"):
         (tmp_path / "bad.txt").write_text("1\t2\n")
         readers.read("criteo", str(tmp_path / "bad.txt"))
 
