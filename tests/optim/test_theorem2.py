@@ -9,6 +9,8 @@ import math
 import pytest
 import torch
 
+from lightning_sgl.optim import _functional
+
 from .helpers import TinyCTR, batches, loss_fn
 from .infos import BY_NAME, FIRST_ORDER
 
@@ -20,8 +22,10 @@ def _max_diff(a, b):
 
 
 @pytest.mark.parametrize("info", FIRST_ORDER, ids=lambda i: i.name)
-@pytest.mark.parametrize("compiled", [False])
-def test_equals_torch_optim(info, compiled):
+@pytest.mark.parametrize("compiled", [False, True], ids=["eager", "compiled"])
+def test_equals_torch_optim(info, compiled, monkeypatch):
+    if compiled:  # the compiled path for every size (it is skipped below COMPILE_MIN_NUMEL)
+        monkeypatch.setattr(_functional, "COMPILE_MIN_NUMEL", 0)
     ours = TinyCTR()
     ref = copy.deepcopy(ours)
     opt = info.cls(ours.parameters(), **info.kwargs, compiled=compiled)
