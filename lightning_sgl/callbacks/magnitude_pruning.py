@@ -23,7 +23,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ._tables import tables_of
-from .sparsity_monitor import feature_rates, global_threshold
+from .sparsity_monitor import feature_rates, table_thresholds
 
 __all__ = ["MagnitudePruning"]
 
@@ -69,11 +69,11 @@ class MagnitudePruning(Callback):
         """Keep the top round(target x seen) rows of every table; returns the counts after."""
         counts = self._tables.counts()
         norms = self._tables.weight_norms()
-        thresholds = {}
-        for name, local in norms.items():
-            keep = round(self.target * counts[name][0])
-            thresholds[name] = 0.0 if keep >= counts[name][0] else global_threshold(
-                {name: (local, 1.0)}, keep, lo=1e-30)
+        keeps = {name: round(self.target * counts[name][0]) for name in norms}
+        # every table's threshold in one search (5 collectives for all tables together)
+        found = table_thresholds({n: (v, 1.0) for n, v in norms.items()}, keeps, lo=1e-30)
+        thresholds = {name: 0.0 if keeps[name] >= counts[name][0] else found[name]
+                      for name in norms}
         self._tables.prune(thresholds)
         after = self._tables.counts()
         self.pruned.append({"step": step, "counts": after})

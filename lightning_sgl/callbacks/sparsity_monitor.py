@@ -7,9 +7,10 @@ Tuning. After a proximal step, a seen row is zero iff its *shrink norm* (``||s||
 ``||A^{-1/2} s||`` with ``exact_group_norm``; it does not depend on ``lambda21``) is
 ``<= sqrt(d) * lambda21``. Every ``tune_every_n_steps`` steps the monitor therefore chooses the
 ``lambda21`` for which the number of seen rows with a larger norm equals ``target x rows seen``
-(a bisection on ``lambda21`` over all-reduced counts, identical on every rank), sets it, and
-re-applies the prox to all seen rows, so the rate is on target at once, also for rows the batches
-do not touch. Between tunings training moves the norms a little (touched rows can revive, newly
+-- an exact order statistic of the norms, found from a two-level histogram in five all-reduces
+whatever the number of rows, tables or ranks (:mod:`._quantile`; identical on every rank) --
+sets it, and re-applies the prox to all seen rows, so the rate is on target at once, also for
+rows the batches do not touch. Between tunings training moves the norms a little (touched rows can revive, newly
 seen rows join); the next tuning corrects it, and every epoch ends with a tuning.
 """
 
@@ -27,10 +28,14 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..factory import GROUP_LASSO_MARK
+from ._quantile import FLOOR, Collectives, thresholds
 from ._tables import allreduce_cpu, tables_of
 
 __all__ = ["SparsityMonitor", "bisect_threshold", "feature_rates", "global_threshold",
-           "model_feature_rate"]
+           "table_thresholds", "model_feature_rate"]
+
+#: points of ``SparsityMonitor.history`` kept at most (older points are thinned, see ``_record``)
+HISTORY_POINTS = 512
 
 
 def feature_rates(counts: dict[str, tuple[int, int]]) -> tuple[float, dict[str, float]]:
@@ -83,20 +88,34 @@ def bisect_threshold(count: Callable[[float], float], target: float, hi: float,
     return hi
 
 
+def _allreduce(t: torch.Tensor, op: str) -> torch.Tensor:
+    return allreduce_cpu(t, dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+
+
+def table_thresholds(local: dict[str, tuple[torch.Tensor, float]], keeps: dict[str, int],
+                     lo: float = FLOOR, collectives: Collectives | None = None
+                     ) -> dict[str, float]:
+    """Per table ``name``: the threshold ``t`` that leaves ``keeps[name]`` of its values (over
+    all ranks) above ``scale * t``; ``local`` maps a table to ``(values on this rank, scale)``.
+    With norms as values and ``scale = sqrt(d)`` the threshold is the table's ``lambda21``.
+
+    Exact order statistics from a two-level histogram (:func:`._quantile.thresholds`):
+    O(values) per rank and 5 collectives for all tables together. Collective: every rank calls
+    it with the same tables in the same order."""
+    names = sorted(keeps)
+    coll = collectives or Collectives(_allreduce)
+    groups = [local[n][0].reshape(-1).double() / local[n][1] for n in names]
+    return dict(zip(names, thresholds(groups, [keeps[n] for n in names], coll, floor=lo)))
+
+
 def global_threshold(local: dict[str, tuple[torch.Tensor, float]], keep: int,
-                     lo: float = 1e-12) -> float:
-    """The smallest ``t`` (bisection) for which, over all ranks, at most ``keep`` values exceed
-    their table's ``scale * t``; ``local`` maps a table to ``(values on this rank, scale)``.
-    Collective: every rank calls it with the same tables in the same order."""
-    top = torch.tensor([max((float(v.max()) / sc for v, sc in local.values() if v.numel()),
-                            default=0.0)], dtype=torch.float64)
-    top = float(allreduce_cpu(top, dist.ReduceOp.MAX))
-
-    def count(t: float) -> float:
-        local_count = sum(float((v > sc * t).sum()) for v, sc in local.values())
-        return float(allreduce_cpu(torch.tensor([local_count], dtype=torch.float64)))
-
-    return bisect_threshold(count, keep, top * 1.0001 + lo, lo=lo)
+                     lo: float = FLOOR, collectives: Collectives | None = None) -> float:
+    """One threshold for all tables together: at most ``keep`` values, over all tables and ranks,
+    exceed their table's ``scale * t`` (see :func:`table_thresholds`; 5 collectives)."""
+    coll = collectives or Collectives(_allreduce)
+    values = [v.reshape(-1).double() / sc for v, sc in local.values()]
+    merged = torch.cat(values) if values else torch.zeros(0, dtype=torch.float64)
+    return thresholds([merged], [keep], coll, floor=lo)[0]
 
 
 class SparsityMonitor(Callback):
@@ -130,7 +149,12 @@ class SparsityMonitor(Callback):
         self.warmup_steps = warmup_steps
         self.plot = plot
         self.lambda21: dict[str, float] = {}
-        self.history: list[tuple[int, float, float]] = []  # (step, rate, mean lambda21)
+        #: (step, rate, mean lambda21), at most HISTORY_POINTS points (see ``_record``)
+        self.history: list[tuple[int, float, float]] = []
+        self.history_stride = 1
+        self._history_seen = 0
+        #: figures of the last tuning (collectives of the threshold search, rows seen)
+        self.last_tuning: dict[str, int] = {}
         self.plot_path: str | None = None
         self._tables = None
 
@@ -179,21 +203,28 @@ class SparsityMonitor(Callback):
 
     # ------------------------------------------------------------------ tuning
     def _tune(self) -> None:
+        """Set the ``lambda21`` that meets the target and re-apply the prox to the seen rows.
+
+        Cost per rank: the shrink norms of the seen rows (O(rows seen x dim)), two bucketing
+        passes over them and the prox re-application (O(rows seen x dim)); collectives: the
+        counts (1 all-reduce) and the thresholds (5 all-reduces, all tables together), plus one
+        norm all-reduce per column-sharded table. ``last_tuning`` records the figures."""
         tables = self._tables
+        coll = Collectives(_allreduce)
         counts = tables.counts()
         scaled = {k: (v, math.sqrt(d)) for k, (v, d) in tables.norms().items()}
         if isinstance(self.target, dict):
-            new = dict(self.lambda21)
-            for name, (v, sc) in scaled.items():
-                if name in self.target:
-                    new[name] = global_threshold({name: (v, sc)},
-                                                 round(self.target[name] * counts[name][0]))
+            keeps = {n: round(self.target[n] * counts[n][0]) for n in scaled if n in self.target}
+            new = {**self.lambda21, **table_thresholds(
+                {n: scaled[n] for n in keeps}, keeps, collectives=coll)}
         else:
             goal = round(self.target * sum(s for s, _ in counts.values()))
-            new = dict.fromkeys(scaled, global_threshold(scaled, goal))
+            new = dict.fromkeys(scaled, global_threshold(scaled, goal, collectives=coll))
         tables.set_lambda21(new)
         tables.reapply()
         self.lambda21 = tables.lambda21()
+        self.last_tuning = {"threshold_collectives": coll.count,
+                            "rows_seen": sum(s for s, _ in counts.values())}
 
     # ------------------------------------------------------------------ hooks
     def _log(self, pl_module: pl.LightningModule, step: int, on_epoch: bool) -> None:
@@ -207,7 +238,20 @@ class SparsityMonitor(Callback):
             pl_module.log(f"rows_nonzero/{name}", float(nz), **kw)
             pl_module.log(f"lambda21/{name}", float(self.lambda21.get(name, float("nan"))), **kw)
         lam = [v for v in self.lambda21.values() if not math.isnan(v)]
-        self.history.append((step, rate, sum(lam) / len(lam) if lam else float("nan")))
+        self._record((step, rate, sum(lam) / len(lam) if lam else float("nan")))
+
+    def _record(self, point: tuple[int, float, float]) -> None:
+        """Append to ``history``, bounded: when it holds ``HISTORY_POINTS`` points every other
+        point is dropped (the first and the newest stay), and from then on only every
+        ``history_stride``-th logged point is kept -- a fixed-size, evenly thinned curve, so
+        checkpoints stay small however long training runs."""
+        self._history_seen += 1
+        if (self._history_seen - 1) % self.history_stride:
+            return
+        self.history.append(point)
+        if len(self.history) >= HISTORY_POINTS:
+            self.history = self.history[::2]
+            self.history_stride *= 2
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
@@ -262,8 +306,11 @@ class SparsityMonitor(Callback):
     # ------------------------------------------------------------------ state
     def state_dict(self) -> dict[str, Any]:
         return {"lambda21": dict(self.lambda21), "history": list(self.history),
+                "history_stride": self.history_stride, "history_seen": self._history_seen,
                 "target": self.target}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.lambda21 = dict(state_dict.get("lambda21", {}))
         self.history = [tuple(h) for h in state_dict.get("history", [])]
+        self.history_stride = int(state_dict.get("history_stride", 1))
+        self._history_seen = int(state_dict.get("history_seen", len(self.history)))

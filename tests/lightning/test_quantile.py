@@ -1,0 +1,114 @@
+"""The tuner's order statistics (``lightning_sgl.callbacks._quantile``): equal to sorting, with
+ties, zeros, empty groups and heavy tails; 5 collectives on 2 gloo ranks, equal to one process."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from lightning_sgl.callbacks._quantile import FLOOR, Collectives, thresholds
+from lightning_sgl.callbacks.sparsity_monitor import global_threshold, table_thresholds
+
+from ..torchrec.dist_helpers import spawn
+
+
+def _check(values: torch.Tensor, keep: int, t: float) -> None:
+    """``t`` leaves at most ``keep`` values above it, and as many as that allows."""
+    v = values.double()
+    v = v[v > FLOOR]
+    assert int((v > t).sum()) <= keep
+    if v.numel() > keep:
+        order = v.sort(descending=True).values
+        # every value larger than the (keep+1)-th stays above t; ties at the boundary go below
+        assert int((v > t).sum()) == int((v > order[keep]).sum())
+    else:
+        assert t == FLOOR
+
+
+@st.composite
+def value_sets(draw):
+    n = draw(st.integers(0, 400))
+    kind = draw(st.sampled_from(["lognormal", "ties", "zeros", "pareto"]))
+    gen = torch.Generator().manual_seed(draw(st.integers(0, 2**31 - 1)))
+    if kind == "lognormal":
+        v = (torch.randn(n, generator=gen, dtype=torch.float64) * 3).exp()
+    elif kind == "ties":
+        v = torch.randint(1, 5, (n,), generator=gen).double() * 0.25
+    elif kind == "zeros":
+        v = torch.rand(n, generator=gen, dtype=torch.float64) * (torch.rand(n, generator=gen) > 0.5)
+    else:
+        v = torch.rand(n, generator=gen, dtype=torch.float64).clamp_min(1e-9) ** -2.0
+    keep = draw(st.integers(0, n + 2))
+    return v.float().double(), keep
+
+
+@settings(max_examples=200, deadline=None)
+@given(value_sets(), st.sampled_from([2, 16, 4096]))
+def test_threshold_equals_sorting(case, bins):
+    values, keep = case
+    coll = Collectives()
+    (t,) = thresholds([values], [keep], coll, bins=bins)
+    _check(values, keep, t)
+    assert coll.count == 5
+
+
+def test_many_groups_in_one_search_and_the_fallback_for_huge_ties():
+    gen = torch.Generator().manual_seed(0)
+    groups = [torch.rand(1000, generator=gen), torch.zeros(0), torch.full((50,), 0.3),
+              torch.rand(20000, generator=gen) ** 3]
+    keeps = [100, 5, 10, 1234]
+    coll = Collectives()
+    out = thresholds(groups, keeps, coll)
+    for v, k, t in zip(groups, keeps, out):
+        _check(v, k, t)
+    assert coll.count == 5
+    # more tied values than max_final in the last bucket: a threshold that keeps <= keep
+    (t,) = thresholds([torch.full((100,), 0.5)], [10], Collectives(), max_final=8)
+    assert int((torch.full((100,), 0.5) > t).sum()) <= 10
+
+
+def test_table_and_global_thresholds_scale_by_width():
+    gen = torch.Generator().manual_seed(1)
+    local = {"a": (torch.rand(300, generator=gen) * 4, 4.0), "b": (torch.rand(200, generator=gen),
+                                                                  1.0)}
+    per = table_thresholds(local, {"a": 30, "b": 50})
+    for name, keep in (("a", 30), ("b", 50)):
+        v, sc = local[name]
+        assert int((v > sc * per[name]).sum()) == keep
+    t = global_threshold(local, 100)
+    assert sum(int((v > sc * t).sum()) for v, sc in local.values()) == 100
+
+
+def _rank(rank, port, out):  # spawned: its own interpreter (a forked gloo hangs here)
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    try:
+        gen = torch.Generator().manual_seed(7)
+        full = [(torch.randn(5000, generator=gen) * 2).exp(), torch.rand(3000, generator=gen)]
+        mine = [g[rank::2] for g in full]  # each value on one rank
+        local = {"a": (mine[0], 1.0), "b": (mine[1], 1.0)}
+        coll = Collectives(lambda t, op: _allreduce(t, op))
+        per = table_thresholds(local, {"a": 700, "b": 10}, collectives=coll)
+        torch.save({"per": per, "count": coll.count}, os.path.join(out, f"r{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _allreduce(t, op):
+    dist.all_reduce(t, op=dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+    return t
+
+
+def test_two_ranks_equal_one_process_in_five_collectives(tmp_path):
+    spawn(_rank, str(tmp_path))
+    r0, r1 = (torch.load(tmp_path / f"r{r}.pt") for r in (0, 1))
+    gen = torch.Generator().manual_seed(7)
+    full = [(torch.randn(5000, generator=gen) * 2).exp(), torch.rand(3000, generator=gen)]
+    single = table_thresholds({"a": (full[0], 1.0), "b": (full[1], 1.0)}, {"a": 700, "b": 10})
+    assert r0["per"] == r1["per"] == single
+    assert r0["count"] == r1["count"] == 5
