@@ -15,7 +15,7 @@ backward op, after a forward) divided by a plain gather + scatter (``index_selec
 ``index_copy_``) of the same unique rows of the weights and every state array.
 
     python benchmarks/bench_fused.py [--workload ctr|uniform] [--sizes 100000 1000000 4000000]
-                                     [--iters 120] [--rounds 12] [--eager]
+                                     [--iters 120] [--rounds 6] [--eager]
 """
 
 from __future__ import annotations
@@ -67,25 +67,51 @@ def step_times(fn, data):
     return times
 
 
-def time_all(runs: dict, data, warmup: int, rounds: int) -> dict:
+def _huge_pages_mib() -> str:
+    """AnonHugePages of this process (MiB), or '?' where /proc does not say."""
+    try:
+        with open("/proc/self/smaps_rollup") as f:
+            for line in f:
+                if line.startswith("AnonHugePages:"):
+                    return str(int(line.split()[1]) // 1024)
+    except OSError:
+        pass
+    return "?"
+
+
+def time_all(runs: dict, data, warmup: int, rounds: int, rewarm: int = 10) -> dict:
     """Median step time of each run; the timed steps are split into ``rounds`` chunks and the runs
-    take turns chunk by chunk (a slow spell of the machine hits all of them alike)."""
+    take turns chunk by chunk (a slow spell of the machine hits all of them alike).
+
+    Before each timed chunk a run takes ``rewarm`` untimed steps (warm-up batches, other ids):
+    in training a step follows a step of the same kernel, so its hot rows and page-table entries
+    are warm; without this, the run after another kernel pays for that kernel's evictions
+    (gigabytes at 4M rows per table), and a run that follows a run of the *same* kernel on the
+    same ids (global vs per-table lambda21) would get a cache the other one warmed -- a bias of
+    up to 3x at 4M rows seen before this was added (with 4 KiB pages the page-table entries of
+    gigabyte tables alone are megabytes, and ten steps restore them)."""
     for fn, _, setup in runs.values():
         setup()
         step_times(fn, data[:warmup])
     timed = data[warmup:]
+    again = data[max(0, warmup - rewarm):warmup]
     size = max(1, len(timed) // rounds)
     times = {name: [] for name in runs}
     for start in range(0, len(timed), size):
         for name, (fn, _, setup) in runs.items():
             setup()
+            step_times(fn, again)
             times[name] += step_times(fn, timed[start:start + size])
     return {name: statistics.median(t) for name, t in times.items()}
 
 
 def update_phase(kernel: GroupTBE, data, reps: int) -> tuple[float, float]:
     """Median time of the native update op alone and of a plain gather + scatter of the same
-    unique rows of the weights and every state array (each measured right after a forward)."""
+    kind of unique rows of the weights and every state array. Batches alternate between the two
+    (op on even batches, gather+scatter on odd ones), each measured right after the forward of
+    its own batch: both find the rows of the previous step warm and their own rows' dual and
+    states cold, as in training (timing the scatter right after the op on the same rows would
+    hand it the cache the op just warmed)."""
     lay = kernel.layout
     st = kernel.native_static()
     bufs = [kernel.weights, kernel.dual, *(getattr(kernel, n) for n in kernel.state_names),
@@ -94,34 +120,34 @@ def update_phase(kernel: GroupTBE, data, reps: int) -> tuple[float, float]:
         1 if kernel.is_rowwise(n) else lay.tables[0].local_cols for n in kernel.state_names] + [1]
     views = [b.view(-1, w) for b, w in zip(bufs, widths)]
     t_op, t_gs = [], []
-    for indices, offsets, target in data[:reps]:
+    for i, (indices, offsets, target) in enumerate(data[:2 * reps]):
         batch = (offsets.numel() - 1) // len(kernel.feature_table_map)
         feature = torch.arange(len(kernel.feature_table_map)).repeat_interleave(batch)
         table = torch.tensor(kernel.feature_table_map)[feature]
         base = torch.tensor(lay.row_offsets)[table]
         rows = torch.repeat_interleave(base, offsets[1:] - offsets[:-1]) + indices
         uniq = torch.unique(rows)
-        with torch.no_grad():
-            kernel(indices, offsets)
         hp = kernel.current_hyperparameters()
         mat = kernel.native_hp(hp).at(float(kernel.step.item()) + 1)
-        t0 = time.perf_counter()
-        native.backward(target, indices, offsets, None, st["ftm"], st["fcol"], lay.native_tables,
-                        kernel.weights, kernel.dual, [getattr(kernel, n) for n in
-                                                      kernel.state_names], st["rowwise"],
-                        kernel.seen, mat, kernel.feature_counts_state.counts,
-                        rule=kernel.optimizer, rowwise=kernel.rowwise, exact=kernel.exact,
-                        mean=kernel.pooling == "mean", skip=False)
-        t_op.append(time.perf_counter() - t0)
-        kernel.step += 1
         with torch.no_grad():
             kernel(indices, offsets)
-        kernel.feature_counts_state.begin()  # values unchanged: the counts stay valid
-        t0 = time.perf_counter()
-        for v in views:
-            v.index_copy_(0, uniq, v.index_select(0, uniq))
-        t_gs.append(time.perf_counter() - t0)
-        kernel.feature_counts_state.end()
+        if i % 2 == 0:
+            t0 = time.perf_counter()
+            native.backward(target, indices, offsets, None, st["ftm"], st["fcol"],
+                            lay.native_tables, kernel.weights, kernel.dual,
+                            [getattr(kernel, n) for n in kernel.state_names], st["rowwise"],
+                            kernel.seen, mat, kernel.feature_counts_state.counts,
+                            rule=kernel.optimizer, rowwise=kernel.rowwise, exact=kernel.exact,
+                            mean=kernel.pooling == "mean", skip=False)
+            t_op.append(time.perf_counter() - t0)
+            kernel.step += 1
+        else:
+            kernel.feature_counts_state.begin()  # values unchanged: the counts stay valid
+            t0 = time.perf_counter()
+            for v in views:
+                v.index_copy_(0, uniq, v.index_select(0, uniq))
+            t_gs.append(time.perf_counter() - t0)
+            kernel.feature_counts_state.end()
     return statistics.median(t_op), statistics.median(t_gs)
 
 
@@ -134,7 +160,7 @@ def main(argv=None):
     ap.add_argument("--batch", type=int, default=512)
     ap.add_argument("--iters", type=int, default=120)
     ap.add_argument("--warmup", type=int, default=10)
-    ap.add_argument("--rounds", type=int, default=12, help="turns the runs take (see time_all)")
+    ap.add_argument("--rounds", type=int, default=6, help="turns the runs take (see time_all)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--eager", action="store_true", help="also time the eager (compiled=False) path")
     args = ap.parse_args(argv)
@@ -197,7 +223,8 @@ def main(argv=None):
         times = time_all(runs, data, args.warmup, args.rounds)
         base_r = times["FBGEMM EXACT_ROWWISE_ADAGRAD"]
         base_e = times["FBGEMM EXACT_ADAGRAD"]
-        print(f"\n{rows:,} rows per table: {ids:.0f} ids and {uniq:.0f} unique rows per step")
+        print(f"\n{rows:,} rows per table: {ids:.0f} ids and {uniq:.0f} unique rows per step; "
+              f"{_huge_pages_mib()} MiB of the process in transparent huge pages")
         print("| kernel | ms/step | / EXACT_ROWWISE_ADAGRAD | / EXACT_ADAGRAD | "
               "per-table lambda21 / global | state floats/row |")
         print("|---|---|---|---|---|---|")
