@@ -34,8 +34,14 @@ def full_init(seed: int = 0) -> list[torch.Tensor]:
     return [torch.rand(r, d, generator=gen) * 0.4 - 0.2 for _, r, d, _ in TABLES]
 
 
-def rank_batches(steps: int, seed: int = 1):
-    """``[step][rank] -> (indices, lengths, target)`` in KJT feature-major order."""
+#: (step, rank, sample, output column) whose upstream gradient is +inf in the poisoned runs:
+#: column 17 is inside table t2's first column shard (t2 covers output columns 16..31)
+POISON = (2, 0, 0, 17)  # sample 0: its bags are never empty
+
+
+def rank_batches(steps: int, seed: int = 1, poison: tuple | None = None):
+    """``[step][rank] -> (indices, lengths, target)`` in KJT feature-major order; ``poison``:
+    one target entry set to +inf (a non-finite gradient on part of one row's columns)."""
     gen = torch.Generator().manual_seed(seed)
     out = []
     for _ in range(steps):
@@ -52,6 +58,9 @@ def rank_batches(steps: int, seed: int = 1):
             per_rank.append((torch.cat(idx), torch.cat(lens), torch.randn(BATCH, width,
                                                                           generator=gen)))
         out.append(per_rank)
+    if poison is not None:
+        step, rank, sample, col = poison
+        out[step][rank][2][sample, col] = float("inf")
     return out
 
 
@@ -70,15 +79,16 @@ def global_tbe_batch(per_rank):
     return torch.cat(idx), offsets, target
 
 
-def unsharded_run(optimizer: str, hp: dict, rowwise: bool, steps: int, init_seed=0, seed=1):
+def unsharded_run(optimizer: str, hp: dict, rowwise: bool, steps: int, init_seed=0, seed=1,
+                  nonfinite: str = "raise", poison: tuple | None = None):
     from torchrec_ext import GroupTBE, TableSpec
 
     kernel = GroupTBE([TableSpec(n, r, d) for n, r, d, _ in TABLES],
                       [FEATURE_TABLE[f] for f in FEATURES], optimizer=optimizer,
-                      hyperparameters=hp, rowwise=rowwise)
+                      hyperparameters=hp, rowwise=rowwise, nonfinite=nonfinite)
     for w, full in zip(kernel.split_embedding_weights(), full_init(init_seed)):
         w.copy_(full)
-    for per_rank in rank_batches(steps, seed):
+    for per_rank in rank_batches(steps, seed, poison):
         indices, offsets, target = global_tbe_batch(per_rank)
         # TorchRec divides embedding gradients by the world size (DDP's averaging convention)
         (kernel(indices, offsets) * target / WORLD).sum().backward()
