@@ -18,14 +18,14 @@ demo: $(STAMP)
 	$(PY) examples/train_ctr.py fit --config examples/configs/synthetic_dlrm.yaml
 
 test: $(STAMP)
-	$(PY) -m ruff check lightning_sgl torchrec_ext tests examples benchmarks
+	$(PY) -m ruff check lightning_sgl torchrec_ext tests examples benchmarks scripts
 	$(PY) -m pytest -q
 
 lint: $(STAMP)
-	$(PY) -m ruff check lightning_sgl torchrec_ext tests examples benchmarks
+	$(PY) -m ruff check lightning_sgl torchrec_ext tests examples benchmarks scripts
 
 format: $(STAMP)
-	$(PY) -m ruff format lightning_sgl torchrec_ext tests examples benchmarks
+	$(PY) -m ruff format lightning_sgl torchrec_ext tests examples benchmarks scripts
 
 bench: $(STAMP)
 	$(PY) benchmarks/bench_dense.py

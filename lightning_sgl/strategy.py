@@ -33,6 +33,35 @@ _PLACEHOLDER = "__lightning_sgl_dcp__:"
 
 #: DDPStrategy arguments that DMP's own DDP wrapper cannot honour
 _UNSUPPORTED_DDP = ("ddp_comm_state", "ddp_comm_hook", "ddp_comm_wrapper", "model_averaging_period")
+#: DistributedDataParallel arguments that DMP sets itself on the DDP of the dense part
+_DMP_FIXED_DDP = ("module", "device_ids", "output_device", "process_group",
+                  "gradient_as_bucket_view", "broadcast_buffers")
+
+
+def _dmp_ddp_kwargs(kwargs: dict) -> dict:
+    """The DDP keyword arguments to hand to DMP: those that differ from
+    ``DistributedDataParallel``'s defaults (``LightningCLI`` resolves ``**kwargs`` into every
+    DDP argument with its default). ``ValueError`` for one that DMP fixes itself."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    defaults = {k: p.default for k, p in
+                inspect.signature(DistributedDataParallel.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    out = {k: v for k, v in kwargs.items() if not (k in defaults and _same(v, defaults[k]))}
+    fixed = sorted(set(out) & set(_DMP_FIXED_DDP))
+    if fixed:
+        raise ValueError(f"Invalid argument {fixed[0]}: DistributedModelParallel sets it itself "
+                         "on the DDP of the dense part (TorchRecStrategy cannot change it)")
+    return out
+
+
+def _same(a: Any, b: Any) -> bool:
+    try:
+        return bool(a == b) and type(a) is type(b)
+    except Exception:  # noqa: BLE001 - values without a boolean equality
+        return a is b
 
 
 def _is_sharded(value: Any) -> bool:
@@ -131,6 +160,7 @@ class TorchRecStrategy(DDPStrategy):
                 "the dense part itself); DistributedDataParallel keyword arguments such as "
                 "find_unused_parameters, static_graph or bucket_cap_mb are supported")
         super().__init__(**kwargs)
+        _dmp_ddp_kwargs(self._ddp_kwargs)  # validated now: refused before any process starts
         self._plan = plan
         self._constraints = constraints
         self._sharders = sharders
@@ -142,6 +172,13 @@ class TorchRecStrategy(DDPStrategy):
         strategy_registry.register(cls.strategy_name, cls, description="TorchRec DMP + DDP")
 
     # ------------------------------------------------------------------ setup
+    def setup_environment(self) -> None:
+        """Set ``LOCAL_WORLD_SIZE`` (processes on this node) before the process group starts:
+        Lightning's launcher sets ``LOCAL_RANK`` and ``WORLD_SIZE`` but not it, and TorchRec
+        reads it (its sharding topology; a warning when it is missing)."""
+        os.environ["LOCAL_WORLD_SIZE"] = str(self.num_processes)
+        super().setup_environment()
+
     @property
     def restore_checkpoint_after_setup(self) -> bool:
         return True  # tables must be sharded (and optimizers built) before a checkpoint loads
@@ -164,7 +201,7 @@ class TorchRecStrategy(DDPStrategy):
 
     def _shard(self, trainer) -> None:
         from torchrec.distributed import DistributedModelParallel
-        from torchrec.distributed.planner import Topology
+        from torchrec.distributed.planner.types import KernelConfig, TopologyFactory, TrainerConfig
         from torchrec.distributed.types import ShardingEnv
 
         from torchrec_ext import group_planner, group_sharders
@@ -177,10 +214,10 @@ class TorchRecStrategy(DDPStrategy):
         pg = dist.group.WORLD
         plan = self._plan
         if plan is None:  # TorchRec's planner, with storage estimates that count Group state
-            planner = group_planner(
-                Topology(world_size=self.world_size, local_world_size=self.num_processes,
-                         compute_device=self.root_device.type),
-                constraints=self._constraints)
+            topology = TopologyFactory.create_topology(
+                TrainerConfig(world_size=self.world_size, local_world_size=self.num_processes),
+                kernel_config=KernelConfig(compute_device=self.root_device.type))
+            planner = group_planner(topology, constraints=self._constraints)
             plan = planner.collective_plan(module, sharders, pg)
         self._dmp = DistributedModelParallel(module, env=ShardingEnv.from_process_group(pg),
                                              device=self.root_device, plan=plan, sharders=sharders,
@@ -191,11 +228,11 @@ class TorchRecStrategy(DDPStrategy):
     def _ddp_wrapper(self):
         """TorchRec's DDP wrapper of the dense part, with the user's DDP keyword arguments
         (``None``: DMP's default)."""
-        if not self._ddp_kwargs:
+        kw = _dmp_ddp_kwargs(self._ddp_kwargs)
+        if not kw:
             return None
         from torchrec.distributed.model_parallel import DefaultDataParallelWrapper
 
-        kw = dict(self._ddp_kwargs)
         named = {k: kw.pop(k) for k in ("bucket_cap_mb", "static_graph",
                                         "find_unused_parameters") if k in kw}
         return DefaultDataParallelWrapper(**named, ddp_kwargs=kw)

@@ -114,6 +114,10 @@ def group_planner(topology: Topology, *, batch_size: int | None = None, constrai
         constraints: ``{table: ParameterConstraints}``.
         **kwargs: any other ``EmbeddingShardingPlanner`` argument (``storage_reservation``,
             ``proposer``, ``partitioner``, ...); ``enumerator`` is refused (this helper sets it).
+            ``storage_reservation`` defaults to ``FixedPercentageStorageReservation(0.15)``
+            (TorchRec's recommended replacement of its heuristic one, which warns that it
+            misestimates dense tensors); pass ``HeuristicalStorageReservation(0.15,
+            dense_tensor_estimate=...)`` to reserve HBM for a large dense part too.
 
     Example::
 
@@ -126,5 +130,11 @@ def group_planner(topology: Topology, *, batch_size: int | None = None, constrai
                          "GroupStorageEstimator + TorchRec's perf estimator); build "
                          "EmbeddingShardingPlanner yourself to choose another")
     enumerator = group_enumerator(topology, batch_size=batch_size, constraints=constraints)
+    if kwargs.get("storage_reservation") is None:
+        from torchrec.distributed.planner.storage_reservations import (
+            FixedPercentageStorageReservation,
+        )
+
+        kwargs["storage_reservation"] = FixedPercentageStorageReservation(0.15)
     return EmbeddingShardingPlanner(topology=topology, batch_size=batch_size,
                                     constraints=constraints, enumerator=enumerator, **kwargs)

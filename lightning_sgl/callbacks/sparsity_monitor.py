@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import math
 import os
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -118,6 +119,14 @@ def global_threshold(local: dict[str, tuple[torch.Tensor, float]], keep: int,
     return thresholds([merged], [keep], coll, floor=lo)[0]
 
 
+def _quiet_sync_advice() -> None:
+    """Silence Lightning's "use sync_dist=True when logging on epoch level" advice for the
+    monitor's own metric names (their values are global already); every other metric keeps it."""
+    warnings.filterwarnings(
+        "ignore", message=r"It is recommended to use `self\.log\('(feature_rate|rows_seen/|"
+                          r"rows_nonzero/|lambda21/)")
+
+
 class SparsityMonitor(Callback):
     """Log the feature rate of group-regularised tables and optionally tune ``lambda21``.
 
@@ -176,6 +185,7 @@ class SparsityMonitor(Callback):
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         from .group_lasso import GroupLasso
 
+        _quiet_sync_advice()
         if any(isinstance(c, GroupLasso) for c in trainer.callbacks):
             return
         tagged = any(hasattr(p, GROUP_LASSO_MARK) or any(
@@ -230,6 +240,10 @@ class SparsityMonitor(Callback):
     def _log(self, pl_module: pl.LightningModule, step: int, on_epoch: bool) -> None:
         counts = self._tables.counts()
         rate, per = feature_rates(counts)
+        # the values are global already (identical on every rank): no sync_dist. Lightning's
+        # advice to sync epoch-level values does not apply to them and is filtered for these
+        # names only (see _quiet_sync_advice); syncing would add collectives that Lightning runs
+        # at rank-dependent points (the progress bar computes on rank 0 only) -- a gloo abort
         kw = dict(on_step=not on_epoch, on_epoch=on_epoch, batch_size=1, sync_dist=False)
         pl_module.log("feature_rate", rate, prog_bar=True, **kw)
         for name, (seen, nz) in counts.items():

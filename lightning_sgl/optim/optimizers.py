@@ -71,6 +71,13 @@ Reference:
 """
 
 
+_ADAM_ARGS = """\
+    lr: step size (> 0).
+    betas: ``(beta1, beta2)``, each in ``[0, 1)``.
+    eps: added to ``sqrt(V_t)`` (>= 0; ``0`` takes the ``eps -> 0+`` limit).
+"""
+
+
 def _document(summary: str, args: str, *, rowwise: bool, example: str):
     """Compose a Group optimizer's docstring (Google style): its own summary and arguments, the
     shared arguments, Algorithm 1 and the paper reference -- written once, read by ``help()``."""
@@ -191,11 +198,7 @@ class _AdamFamily(GroupOptimizer):
 
 With zero lambdas this is ``torch.optim.Adam`` (same ``eps`` placement, which is Algorithm 2's
 ``sqrt(V_t) + eps``). ``rowwise=True`` keeps one second moment per row.""",
-    """\
-    lr: step size (> 0).
-    betas: ``(beta1, beta2)``, each in ``[0, 1)``.
-    eps: added to ``sqrt(V_t)`` (>= 0; ``0`` takes the ``eps -> 0+`` limit).
-""",
+    _ADAM_ARGS,
     rowwise=True, example="""    opt = GroupAdam(model.parameters(), lr=1e-3, lambda21=1e-4)  # MLP: plain Adam""")
 class GroupAdam(_AdamFamily):
     """See the composed docstring (``help``)."""
@@ -214,24 +217,12 @@ class GroupAdam(_AdamFamily):
 @_document(
     r"""Group AMSGrad: as :class:`GroupAdam` with ``max_exp_avg_sq = max(max_exp_avg_sq,
 exp_avg_sq)`` in ``sigma_t`` (the convention of ``torch.optim.Adam(amsgrad=True)``).""",
-    """\
-    lr: step size (> 0).
-    betas: ``(beta1, beta2)``, each in ``[0, 1)``.
-    eps: added to ``sqrt(V_t)`` (>= 0).
-""",
+    _ADAM_ARGS,
     rowwise=True, example="""    opt = GroupAMSGrad(model.parameters(), lr=1e-3, lambda21=1e-4)""")
-class GroupAMSGrad(_AdamFamily):
-    """See the composed docstring (``help``)."""
+class GroupAMSGrad(GroupAdam):
+    """See the composed docstring (``help``). Adam's arguments; only the rule differs."""
 
     rule = "amsgrad"
-
-    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8, *, lambda1: float = 0.0, lambda21: float = 0.0,
-                 lambda2: float = 0.0, group_by: str = "auto", rowwise: bool = False,
-                 exact_group_norm: bool = False, nonfinite: str = "raise",
-                 compiled: bool = False):
-        super().__init__(params, lr, betas, eps, lambda1, lambda21, lambda2, group_by, rowwise,
-                         exact_group_norm, nonfinite, compiled)
 
 
 @_document(

@@ -71,7 +71,26 @@ def test_strategy_refuses_ddp_options_dmp_cannot_honour(arg):
 
 def test_strategy_passes_ddp_kwargs_to_dmp():
     wrapper = TorchRecStrategy(find_unused_parameters=True, bucket_cap_mb=7,
-                               gradient_as_bucket_view=True)._ddp_wrapper()
+                               init_sync=False)._ddp_wrapper()
     assert wrapper._find_unused_parameters is True and wrapper._bucket_cap_mb == 7
-    assert wrapper._ddp_kwargs == {"gradient_as_bucket_view": True}
+    assert wrapper._ddp_kwargs == {"init_sync": False}
     assert TorchRecStrategy()._ddp_wrapper() is None
+
+
+def test_strategy_ignores_ddp_defaults_as_lightning_cli_passes_them():
+    """LightningCLI resolves ``**kwargs`` into every DDP argument with its default: DMP's own
+    DDP settings win (this used to fail with 'multiple values for broadcast_buffers')."""
+    import inspect
+
+    from torch.nn.parallel import DistributedDataParallel
+
+    defaults = {k: p.default for k, p in
+                inspect.signature(DistributedDataParallel.__init__).parameters.items()
+                if p.default is not inspect.Parameter.empty}
+    assert TorchRecStrategy(**defaults)._ddp_wrapper() is None
+
+
+def test_strategy_refuses_ddp_arguments_dmp_fixes():
+    with pytest.raises(ValueError, match=r"Invalid argument gradient_as_bucket_view: "
+                                         "DistributedModelParallel sets it itself"):
+        TorchRecStrategy(gradient_as_bucket_view=True)
