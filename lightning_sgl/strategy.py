@@ -6,9 +6,10 @@ by TorchRec's planner with storage estimates that count the Group state --
 dense part is wrapped in DDP by DMP itself, gloo on CPU and NCCL on GPU. Checkpoints are written
 by every rank with ``torch.distributed.checkpoint`` (sharded tables and fused optimizer state,
 ``param_groups`` included) plus one small file with everything else (dense weights and
-optimizer state, loops, LR schedulers, callbacks), so a checkpoint loads under another world size or plan. A checkpoint
-is staged, closed by a manifest of checksums and published atomically; loading verifies it and
-checks names and shapes before anything is loaded (:mod:`lightning_sgl.checkpoint`).
+optimizer state, loops, LR schedulers, callbacks), so a checkpoint loads under another world
+size or plan. A checkpoint is staged, closed by a manifest of checksums and published
+atomically; loading verifies it and checks names and shapes before anything is loaded
+(:mod:`lightning_sgl.checkpoint`).
 """
 
 from __future__ import annotations

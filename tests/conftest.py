@@ -1,4 +1,5 @@
-"""Hypothesis profiles: the suite (and CI) runs a fixed, derandomized set of examples so that a
+"""Hypothesis profiles (and ``--reverse-order``, to show that no test depends on test order): the
+suite (and CI) runs a fixed, derandomized set of examples so that a
 green run stays green for the same code; ``HYPOTHESIS_PROFILE=explore`` draws fresh random
 examples (more of them) to hunt for new counter-examples."""
 
@@ -40,3 +41,14 @@ def single_rank_group():
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+
+
+def pytest_addoption(parser):
+    parser.addoption("--reverse-order", action="store_true",
+                     help="run the collected tests in reverse order (no test may depend on the "
+                          "ones before it)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if config.getoption("--reverse-order"):
+        items.reverse()
