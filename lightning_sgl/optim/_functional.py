@@ -297,19 +297,38 @@ def _accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags, step, hp,
 
 def reprox_rows_(x2d: Tensor, dual2d: Tensor, states2d, rows: Tensor | None = None, *,
                  rule: MomentRule, step, hp: dict, exact: bool = False, group_size=None,
-                 reduce_sum=None) -> Tensor:
+                 reduce_sum=None, compiled: bool = False) -> Tensor:
     """In place: :func:`reprox` on the rows ``rows`` of group matrices (all rows if ``None``);
     rows whose result would not be finite are kept. Returns the mask of those refused rows.
+    ``hp`` values may be ``[len(rows), 1]`` tensors (per-row overrides). ``compiled=True`` (with
+    ``rows`` given, no column shards): one ``torch.compile``'d gather -> prox -> scatter loop,
+    the hyperparameters passed as tensors (a new ``lambda21`` does not recompile).
 
     Cost: O(len(rows) x d) reads and writes; no collective unless ``reduce_sum`` does one.
     """
+    if compiled and rows is not None and group_size is None and reduce_sum is None:
+        scalars, per_row = _split_row_hp(hp)
+        layout, packed = _pack_hp(scalars, step, x2d)
+        row_keys = tuple(sorted(per_row))
+        key = ("reprox", rule.name, exact, x2d.shape[1], x2d.dtype, x2d.device, layout, row_keys)
+        _static_width(x2d, dual2d, *states2d)
+        eager = (x2d, dual2d, tuple(states2d), rows, rule.name, step, hp, exact)
+        tensors = (x2d, dual2d, tuple(states2d), rows, packed, layout, row_keys,
+                   tuple(per_row[k] for k in row_keys), rule.name, exact)
+        return _run_compiled(_reprox_rows_packed_, _reprox_rows_, key, True, eager, tensors)
+    return _reprox_rows_(x2d, dual2d, tuple(states2d), rows, rule.name, step, hp, exact,
+                         group_size, reduce_sum)
+
+
+def _reprox_rows_(x2d, dual2d, states2d, rows, rule_name, step, hp, exact, group_size=None,
+                  reduce_sum=None):
     if rows is None:
         x_old, dual_old, st = x2d, dual2d, tuple(states2d)
     else:
         x_old, dual_old = x2d.index_select(0, rows), dual2d.index_select(0, rows)
         st = tuple(t.index_select(0, rows) for t in states2d)
-    x_new, dual_new = reprox(x_old, dual_old, st, rule=rule, step=step, hp=hp, exact=exact,
-                             group_size=group_size, reduce_sum=reduce_sum)
+    x_new, dual_new = reprox(x_old, dual_old, st, rule=get_rule(rule_name), step=step, hp=hp,
+                             exact=exact, group_size=group_size, reduce_sum=reduce_sum)
     keep = rows_finite(x_new, dual_new).unsqueeze(1)
     x_new, dual_new = torch.where(keep, x_new, x_old), torch.where(keep, dual_new, dual_old)
     if rows is None:
@@ -319,6 +338,39 @@ def reprox_rows_(x2d: Tensor, dual2d: Tensor, states2d, rows: Tensor | None = No
         x2d.index_copy_(0, rows, x_new)
         dual2d.index_copy_(0, rows, dual_new)
     return ~keep.squeeze(1)
+
+
+def row_group_norms(x2d: Tensor, dual2d: Tensor, states2d, rows: Tensor, *, rule: MomentRule,
+                    step, hp: dict, exact: bool = False, reduce_sum=None,
+                    compiled: bool = False) -> Tensor:
+    """:func:`group_norms` of the rows ``rows`` of group matrices, ``[len(rows), 1]``.
+    ``compiled=True`` (no column shards): one ``torch.compile``'d gather + norm loop (see
+    :func:`reprox_rows_`). Cost: O(len(rows) x d) reads."""
+    if compiled and reduce_sum is None:
+        scalars, per_row = _split_row_hp(hp)
+        layout, packed = _pack_hp(scalars, step, x2d)
+        row_keys = tuple(sorted(per_row))
+        key = ("norms", rule.name, exact, x2d.shape[1], x2d.dtype, x2d.device, layout, row_keys)
+        _static_width(x2d, dual2d, *states2d)
+        eager = (x2d, dual2d, tuple(states2d), rows, rule.name, step, hp, exact)
+        tensors = (x2d, dual2d, tuple(states2d), rows, packed, layout, row_keys,
+                   tuple(per_row[k] for k in row_keys), rule.name, exact)
+        return _run_compiled(_row_norms_packed, _row_norms, key, True, eager, tensors)
+    return _row_norms(x2d, dual2d, tuple(states2d), rows, rule.name, step, hp, exact, reduce_sum)
+
+
+def _row_norms(x2d, dual2d, states2d, rows, rule_name, step, hp, exact, reduce_sum=None):
+    return group_norms(x2d.index_select(0, rows), dual2d.index_select(0, rows),
+                       tuple(t.index_select(0, rows) for t in states2d),
+                       rule=get_rule(rule_name), step=step, hp=hp, exact=exact,
+                       reduce_sum=reduce_sum)
+
+
+def _static_width(*tensors: Tensor) -> None:
+    """Row counts vary between calls, widths do not: tell dynamo (no recompile per row count)."""
+    for t in tensors:
+        if t.dim() == 2 and 1 not in getattr(t, "_dynamo_static_indices", ()):
+            torch._dynamo.mark_static(t, 1)
 
 
 #: parameters smaller than this run eagerly even with ``compiled=True`` (a compile per shape
@@ -443,6 +495,20 @@ def _accumulate_rows_packed_(x2d, idx, inv, g_index, dual2d, states2d, flags, pa
     hp.update(zip(row_keys, row_values))
     return _accumulate_rows_(x2d, idx, inv, g_index, dual2d, states2d, flags, step, hp, rule_name,
                              rowwise, exact)
+
+
+def _reprox_rows_packed_(x2d, dual2d, states2d, rows, packed, layout, row_keys, row_values,
+                         rule_name, exact):
+    hp, step = _unpack_hp(layout, packed)
+    hp.update(zip(row_keys, row_values))
+    return _reprox_rows_(x2d, dual2d, states2d, rows, rule_name, step, hp, exact)
+
+
+def _row_norms_packed(x2d, dual2d, states2d, rows, packed, layout, row_keys, row_values,
+                      rule_name, exact):
+    hp, step = _unpack_hp(layout, packed)
+    hp.update(zip(row_keys, row_values))
+    return _row_norms(x2d, dual2d, states2d, rows, rule_name, step, hp, exact)
 
 
 def apply_dense_(param, grad, dual, states, rowwise_flags, *, step, hp, rule_name, group_by,

@@ -31,6 +31,7 @@ from ._functional import (
     group_step,
     reprox,
     reprox_rows_,
+    row_group_norms,
     rows_finite,
     rowwise_view,
     second_moment_input,
@@ -59,6 +60,7 @@ from ._validation import (
 __all__ = [
     "group_step", "dual_and_moments", "step_is_finite", "reprox", "group_norms",
     "second_moment_input", "apply_dense_", "apply_rows_", "accumulate_rows_", "reprox_rows_",
+    "row_group_norms",
     "rows_finite", "to_groups", "from_groups", "rowwise_view",
     "RULES", "MomentRule", "get_rule", "step_scalars",
     "dual_update", "dual_carry", "dual_to_z",

@@ -439,3 +439,44 @@ def test_fast_path_equals_eager_on_a_realistic_workload(opt, rowwise):
     assert ids.numel() > torch.unique(ids).numel() * 1.3  # the batches do repeat ids
     per_table = {"user": {"lambda21": 1.0}, "item": {"lambda21": 4.0}}
     _fast_equals_eager(opt, rowwise, REAL_TABLES, REAL_FTM, batches, "mean", per_table)
+
+
+@pytest.mark.parametrize("opt,rowwise", [("adagrad", True), ("adam", False), ("amsgrad", True)])
+def test_compiled_row_services_equal_eager(opt, rowwise, monkeypatch):
+    """Shrink norms and the prox re-application (what SparsityMonitor runs at every tuning):
+    the ``torch.compile``'d loop == the eager ground truth, with per-table lambda21 overrides
+    (weights, dual, states, refused rows, incremental counts)."""
+    import copy
+
+    from torchrec_ext.kernel import rows as row_services
+
+    monkeypatch.setattr(row_services, "COMPILE_MIN_ROWS", 0)
+    kernel = GroupTBE(TABLES, FTM, optimizer=opt, rowwise=rowwise,
+                      hyperparameters={**HP[opt], **lambdas_for(opt)})
+    torch.manual_seed(0)
+    for w in kernel.split_embedding_weights():
+        w.uniform_(-0.3, 0.3)
+    for indices, offsets, w, target in _small_batches():
+        (kernel(indices, offsets, w) * target).sum().backward()
+    trained = copy.deepcopy(kernel.state_dict())
+    results = {}
+    for mode in (False, None):  # eager, then compiled
+        kernel.load_state_dict(trained)
+        kernel.compiled = mode
+        norms = kernel.shrink_norms()
+        kernel.set_table_hyperparameters({"a": {"lambda21": 0.5}, "c": {"lambda21": 6.0}})
+        kernel.reapply_prox()
+        results[mode] = (norms, copy.deepcopy(kernel.state_dict()), kernel.feature_counts())
+        kernel.set_table_hyperparameters({"a": {"lambda21": None}, "c": {"lambda21": None}})
+    (n_e, sd_e, c_e), (n_c, sd_c, c_c) = results[False], results[None]
+    for name in n_e:
+        assert _err(n_c[name], n_e[name]) <= 1e-5, name
+    for name, v in sd_e.items():
+        if v.dtype == torch.uint8 or name == "step":
+            assert torch.equal(sd_c[name], v), name
+        else:
+            assert _err(sd_c[name], v) <= 1e-5, name
+    assert c_c == c_e
+    assert not [k for k in _functional._WARNED if k[0] in ("reprox", "norms")], "fell back"
+    assert not [k for k in _functional._BROKEN if k[0] in ("reprox", "norms")], "fell back"
+    assert not torch.equal(sd_e["weights"], trained["weights"])  # the new lambda21 acted
