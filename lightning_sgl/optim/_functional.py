@@ -307,15 +307,8 @@ def reprox_rows_(x2d: Tensor, dual2d: Tensor, states2d, rows: Tensor | None = No
     Cost: O(len(rows) x d) reads and writes; no collective unless ``reduce_sum`` does one.
     """
     if compiled and rows is not None and group_size is None and reduce_sum is None:
-        scalars, per_row = _split_row_hp(hp)
-        layout, packed = _pack_hp(scalars, step, x2d)
-        row_keys = tuple(sorted(per_row))
-        key = ("reprox", rule.name, exact, x2d.shape[1], x2d.dtype, x2d.device, layout, row_keys)
-        _static_width(x2d, dual2d, *states2d)
-        eager = (x2d, dual2d, tuple(states2d), rows, rule.name, step, hp, exact)
-        tensors = (x2d, dual2d, tuple(states2d), rows, packed, layout, row_keys,
-                   tuple(per_row[k] for k in row_keys), rule.name, exact)
-        return _run_compiled(_reprox_rows_packed_, _reprox_rows_, key, True, eager, tensors)
+        return _row_service_compiled("reprox", _reprox_rows_packed_, _reprox_rows_, x2d, dual2d,
+                                     states2d, rows, rule, step, hp, exact)
     return _reprox_rows_(x2d, dual2d, tuple(states2d), rows, rule.name, step, hp, exact,
                          group_size, reduce_sum)
 
@@ -347,15 +340,8 @@ def row_group_norms(x2d: Tensor, dual2d: Tensor, states2d, rows: Tensor, *, rule
     ``compiled=True`` (no column shards): one ``torch.compile``'d gather + norm loop (see
     :func:`reprox_rows_`). Cost: O(len(rows) x d) reads."""
     if compiled and reduce_sum is None:
-        scalars, per_row = _split_row_hp(hp)
-        layout, packed = _pack_hp(scalars, step, x2d)
-        row_keys = tuple(sorted(per_row))
-        key = ("norms", rule.name, exact, x2d.shape[1], x2d.dtype, x2d.device, layout, row_keys)
-        _static_width(x2d, dual2d, *states2d)
-        eager = (x2d, dual2d, tuple(states2d), rows, rule.name, step, hp, exact)
-        tensors = (x2d, dual2d, tuple(states2d), rows, packed, layout, row_keys,
-                   tuple(per_row[k] for k in row_keys), rule.name, exact)
-        return _run_compiled(_row_norms_packed, _row_norms, key, True, eager, tensors)
+        return _row_service_compiled("norms", _row_norms_packed, _row_norms, x2d, dual2d,
+                                     states2d, rows, rule, step, hp, exact)
     return _row_norms(x2d, dual2d, tuple(states2d), rows, rule.name, step, hp, exact, reduce_sum)
 
 
@@ -364,6 +350,22 @@ def _row_norms(x2d, dual2d, states2d, rows, rule_name, step, hp, exact, reduce_s
                        tuple(t.index_select(0, rows) for t in states2d),
                        rule=get_rule(rule_name), step=step, hp=hp, exact=exact,
                        reduce_sum=reduce_sum)
+
+
+def _row_service_compiled(kind, packed_fn, eager_fn, x2d, dual2d, states2d, rows, rule, step,
+                          hp, exact):
+    """Run a row service (``kind``: its compile-cache name) through ``torch.compile``: the
+    scalar hyperparameters and the step's scalars packed into one tensor, per-row overrides as
+    tensors (changed values do not recompile), the width static and the row count dynamic."""
+    scalars, per_row = _split_row_hp(hp)
+    layout, packed = _pack_hp(scalars, step, x2d)
+    row_keys = tuple(sorted(per_row))
+    key = (kind, rule.name, exact, x2d.shape[1], x2d.dtype, x2d.device, layout, row_keys)
+    _static_width(x2d, dual2d, *states2d)
+    eager = (x2d, dual2d, tuple(states2d), rows, rule.name, step, hp, exact)
+    tensors = (x2d, dual2d, tuple(states2d), rows, packed, layout, row_keys,
+               tuple(per_row[k] for k in row_keys), rule.name, exact)
+    return _run_compiled(packed_fn, eager_fn, key, True, eager, tensors)
 
 
 def _static_width(*tensors: Tensor) -> None:
