@@ -20,6 +20,7 @@ two passes of bucketing, O(bins x groups) for the histograms.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 
 import torch
@@ -36,8 +37,14 @@ class Collectives:
     float64 CPU tensors; identity on one process)."""
 
     def __init__(self, allreduce: Callable[[Tensor, str], Tensor] | None = None):
+        import torch.distributed as dist
+
         self._allreduce = allreduce
         self.count = 0
+        spread = allreduce is not None and dist.is_initialized()
+        #: the ranks the all-reduce spans, and this process's place among them
+        self.world = dist.get_world_size() if spread else 1
+        self.rank = dist.get_rank() if spread else 0
 
     def __call__(self, t: Tensor, op: str) -> Tensor:
         self.count += 1
@@ -119,8 +126,8 @@ def thresholds(groups: list[Tensor], keeps: list[int], allreduce: Collectives,
     edges = []
     for i, (v, b) in enumerate(zip(pos, idx1)):
         span = (hi[i] - lo[i]) / bins if hi[i] > lo[i] else 0.0
-        e_lo = torch.tensor(lo[i] + span * int(b1[i]), dtype=torch.float64).exp().item()
-        e_hi = torch.tensor(lo[i] + span * (int(b1[i]) + 1), dtype=torch.float64).exp().item()
+        e_lo = math.exp(lo[i] + span * int(b1[i]))
+        e_hi = math.exp(lo[i] + span * (int(b1[i]) + 1))
         edges.append((e_lo, e_hi))
         sel = v[b == b1[i]] if v.numel() else v
         inner.append(sel)
@@ -135,12 +142,10 @@ def thresholds(groups: list[Tensor], keeps: list[int], allreduce: Collectives,
     over = torch.tensor([float(f.numel() > max_final) for f in finals], dtype=torch.float64)
     width = allreduce(torch.stack([counts, over]), "max")
     m = int(width[0].max().item()) if g else 0
-    size = _world(allreduce)
-    rank = _rank(allreduce)
-    buf = torch.zeros(size, g, max(m, 1), dtype=torch.float64)  # 0: an empty slot (values > 0)
+    buf = torch.zeros(allreduce.world, g, max(m, 1), dtype=torch.float64)  # 0: an empty slot
     for i, f in enumerate(finals):
         top = f.sort(descending=True).values[:m]
-        buf[rank, i, :top.numel()] = top
+        buf[allreduce.rank, i, :top.numel()] = top
     buf = allreduce(buf, "sum")  # each slot written by one rank: the SUM is a gather
     out = []
     for i in range(g):
@@ -160,18 +165,3 @@ def thresholds(groups: list[Tensor], keeps: list[int], allreduce: Collectives,
         out.append(max(floor, 0.5 * (below + above)))
     return out
 
-
-def _world(allreduce: Collectives) -> int:
-    import torch.distributed as dist
-
-    if allreduce._allreduce is None or not dist.is_initialized():
-        return 1
-    return dist.get_world_size()
-
-
-def _rank(allreduce: Collectives) -> int:
-    import torch.distributed as dist
-
-    if allreduce._allreduce is None or not dist.is_initialized():
-        return 0
-    return dist.get_rank()

@@ -10,8 +10,9 @@ Tuning. After a proximal step, a seen row is zero iff its *shrink norm* (``||s||
 -- an exact order statistic of the norms, found from a two-level histogram in five all-reduces
 whatever the number of rows, tables or ranks (:mod:`._quantile`; identical on every rank) --
 sets it, and re-applies the prox to all seen rows, so the rate is on target at once, also for
-rows the batches do not touch. Between tunings training moves the norms a little (touched rows can revive, newly
-seen rows join); the next tuning corrects it, and every epoch ends with a tuning.
+rows the batches do not touch. Between tunings training moves the norms a little (touched rows
+can revive, newly seen rows join); the next tuning corrects it, and every epoch ends with a
+tuning.
 """
 
 from __future__ import annotations
