@@ -6,10 +6,12 @@ layers only public modules (no path component starting with ``_``):
 0. math core -- ``lightning_sgl.optim`` private rule modules and its public face
    ``lightning_sgl.optim.functional``;
 1. torch front ends -- the ``torch.optim`` classes (``lightning_sgl.optim``), plain torch models,
-   metrics and data; and the fused table kernel ``torchrec_ext.kernel``, which may import from
-   the math core only through ``lightning_sgl.optim.functional``;
+   metrics and data, checkpoint files (``lightning_sgl.checkpoint``: standard library only, used
+   by the serving export to verify what it reads); and the fused table kernel
+   ``torchrec_ext.kernel``, which may import from the math core only through
+   ``lightning_sgl.optim.functional``;
 2. TorchRec integration -- the rest of ``torchrec_ext``;
-3. Lightning integration -- callbacks, strategy, the optimizer factory, checkpoints, ``ctr``;
+3. Lightning integration -- callbacks, strategy, the optimizer factory, ``ctr``;
 4. examples and benchmarks.
 
 Lazy imports inside functions count as imports. The eager (module-level) imports of the
@@ -32,7 +34,8 @@ LAYERS: list[tuple[str, int]] = [
     ("lightning_sgl.optim._validation", 0), ("lightning_sgl.optim._functional", 0),
     ("lightning_sgl.optim.functional", 0),
     ("lightning_sgl.optim", 1), ("lightning_sgl.models", 1), ("lightning_sgl.metrics", 1),
-    ("lightning_sgl.data", 1), ("torchrec_ext.kernel", 1), ("torchrec_ext._C", 1),
+    ("lightning_sgl.data", 1), ("lightning_sgl.checkpoint", 1),
+    ("torchrec_ext.kernel", 1), ("torchrec_ext._C", 1),
     ("torchrec_ext", 2),
     ("lightning_sgl", 3),
     ("examples", 4), ("benchmarks", 4),

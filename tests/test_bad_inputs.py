@@ -243,30 +243,49 @@ def _reader(source, name, content: bytes):
 
 
 # ------------------------------------------------------------------ export, checkpoints
-def _compact_file(mutate):
+def _serving_file(mutate):
     def make(tmp):
-        from torchrec_ext.export import CompactTable, load_compact, save_compact
-
-        path = tmp / "tables.pt"
-        table = CompactTable(ids=torch.tensor([0, 3, 5]), weights=torch.ones(3, 4),
-                             num_embeddings=8, feature_names=["f"], pooling="sum")
-        save_compact({"t": table}, str(path))
-        mutate(path, table, save_compact)
-        return (lambda: load_compact(str(path))), _file_unchanged(path)
+        path = tmp / "serving.pt"
+        mutate(path)
+        return (lambda: _serving().load_serving(str(path))), _file_unchanged(path)
     return make
 
 
-def _garbage(path, table, save):
+def _serving():
+    from torchrec_ext import serving
+
+    return serving
+
+
+def _garbage(path):
     path.write_bytes(b"not a checkpoint at all" * 10)
 
 
-def _truncate(path, table, save):
-    path.write_bytes(path.read_bytes()[:100])
+def _truncated_serving(path):
+    table = _serving().ServingTable("t", ["f"], "sum", 8, torch.tensor([0, 3]), torch.ones(2, 4))
+    _serving().save_serving(_serving().ServingEmbeddingBagCollection([table]), path)
+    path.write_bytes(path.read_bytes()[:2000])
 
 
-def _unsorted(path, table, save):
-    table.ids = torch.tensor([5, 0, 3])
-    save({"t": table}, str(path))
+def _other_torchscript(path):
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(path))
+
+
+def _serving_call(build):
+    """A serving-export call that must be refused (no file or state to change)."""
+    def make(tmp):
+        return (lambda: build(_serving())), (lambda: None)
+    return make
+
+
+def _configs():
+    from torchrec import EmbeddingBagConfig
+
+    return [EmbeddingBagConfig(name="t0", embedding_dim=4, num_embeddings=8, feature_names=["f0"])]
+
+
+def _table(ids, weights, rows=8):
+    return lambda s: s.ServingTable("t", ["f"], "sum", rows, torch.tensor(ids), weights)
 
 
 def _checkpoint(mutate):
@@ -400,11 +419,29 @@ CASES = [
     Case("reader-source", ValueError, r"Invalid source: 'kdd' \(valid options: criteo, avazu, "
          "movielens\\)", _reader("kdd", "x.txt", b"")),
     # export
-    Case("compact-garbage", ValueError, r"Invalid compact file .*tables.pt'?: not readable",
-         _compact_file(_garbage)),
-    Case("compact-truncated", ValueError, r"Invalid compact file .*tables.pt'?: not readable",
-         _compact_file(_truncate)),
-    Case("compact-unsorted-ids", ValueError, r"ids must be strictly", _compact_file(_unsorted)),
+    Case("serving-garbage", ValueError, r"Invalid serving file .*serving.pt'?: not readable",
+         _serving_file(_garbage)),
+    Case("serving-truncated", ValueError, r"Invalid serving file .*serving.pt'?: not readable",
+         _serving_file(_truncated_serving)),
+    Case("serving-other-file", ValueError, r"serving.pt'?: format None \(expected "
+         r"'lightning_sgl.serving/1'", _serving_file(_other_torchscript)),
+    Case("serving-unsorted-ids", ValueError, r"Invalid table 't': ids must be strictly",
+         _serving_call(lambda s: s.ServingEmbeddingBagCollection(
+             [_table([5, 0, 3], torch.ones(3, 4))(s)]))),
+    Case("serving-nan-weights", ValueError, r"Invalid table 't': non-finite weights",
+         _serving_call(lambda s: s.ServingEmbeddingBagCollection(
+             [_table([0, 3], torch.tensor([[1.0, float("nan")], [0.0, 1.0]]))(s)]))),
+    Case("serving-data-type", ValueError, r"Invalid data_type: 'int3' \(valid options: fp32, "
+         r"fp16, int8, int4\)", _serving_call(lambda s: s.ServingEmbeddingBagCollection(
+             [_table([0], torch.ones(1, 4))(s)], data_type="int3"))),
+    Case("serving-int4-odd-dim", ValueError, r"Invalid data_type 'int4' for table 't': dim 3 is "
+         "not a multiple of 2", _serving_call(lambda s: s.ServingEmbeddingBagCollection(
+             [_table([0], torch.ones(1, 3))(s)], data_type="int4"))),
+    Case("serving-two-sources", ValueError, r"checkpoint and weights are both given",
+         _serving_call(lambda s: s.export_serving(_configs(), checkpoint="x", weights={}))),
+    Case("serving-weights-shape", ValueError, r"Invalid weights of table 't0': shape \(4, 4\) "
+         r"\(the config says \[8, 4\]\)", _serving_call(lambda s: s.export_serving(
+             _configs(), weights={"t0": torch.ones(4, 4)}))),
     # checkpoint loading
     Case("ckpt-flipped-bytes", Exception, r"shard_0.distcp is corrupt \(sha256",
          _checkpoint(_flip)),
@@ -421,7 +458,7 @@ def test_the_table_is_wide():
     assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
     areas = {c.id.split("-")[0] for c in CASES}
     assert {"opt", "kernel", "apply", "strategy", "grouplasso", "monitor", "criteo", "avazu",
-            "compact", "ckpt"} <= areas
+            "serving", "ckpt"} <= areas
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

@@ -4,7 +4,7 @@
 ``DistributedModelParallel(model, device=..., sharders=group_sharders())``.
 
 The table kernel (:mod:`torchrec_ext.kernel`, ``GroupTBE``) imports with torch alone; the
-TorchRec glue (sharder, sharded EBC, fused optimizer, feature rate, export) is imported on first
+TorchRec glue (sharder, sharded EBC, fused optimizer, feature rate, serving export) is imported on first
 use of its names and needs ``torchrec`` and ``fbgemm_gpu``.
 """
 
@@ -22,6 +22,10 @@ _LAZY = {
     "is_group_tagged": "sharder",
     "group_planner": "planner",
     "GroupStorageEstimator": "planner",
+    "export_serving": "serving",
+    "save_serving": "serving",
+    "load_serving": "serving",
+    "ServingEmbeddingBagCollection": "serving",
 }
 
 
@@ -48,6 +52,10 @@ __all__ = [
     "is_group_tagged",
     "group_planner",
     "GroupStorageEstimator",
+    "export_serving",
+    "save_serving",
+    "load_serving",
+    "ServingEmbeddingBagCollection",
     "GroupTBE",
     "TableSpec",
     "FUSED_RULES",
