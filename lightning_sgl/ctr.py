@@ -37,30 +37,78 @@ def _ids_collate(batch):
     return torch.stack([b[0] for b in batch]), torch.stack([b[1] for b in batch])
 
 
+_STREAM_ONLY = ("libsvm", "libffm", "criteo_binary")
+_SOURCES = ("synthetic", "criteo", "avazu", "movielens", *_STREAM_ONLY)
+
+
 class CTRDataModule(pl.LightningDataModule):
-    """CTR data as batches; ``source="synthetic"`` (default) or a reader's output.
+    """CTR data as batches; ``source="synthetic"`` (default) or a public format.
+
+    Real data sets are read in memory (:mod:`lightning_sgl.data.readers`: small sets) or
+    streamed (:class:`lightning_sgl.data.streaming.StreamingCTRDataset`: files of any size, split
+    by rank and worker, bounded memory). The head ``train_fraction`` of the rows trains, the tail
+    validates; streamed, every rank reads the same number of rows (at most ``world_size - 1``
+    rows of each part are dropped) so all ranks run the same number of steps.
 
     Args:
-        source: ``"synthetic"``, ``"criteo"``, ``"avazu"`` or ``"movielens"``.
+        source: ``"synthetic"``, ``"criteo"``, ``"avazu"``, ``"movielens"`` (in memory or
+            streamed), ``"libsvm"``, ``"libffm"``, ``"criteo_binary"`` (streamed).
         path: file or folder for the real data sets.
         kjt: batches of ``KeyedJaggedTensor`` (TorchRec models) instead of ids tensors.
         batch_size, num_samples, num_fields, vocab_size, seed: synthetic-set options.
         train_fraction: head share used for training (the tail is validation).
-        max_rows: read at most this many rows of a real data set.
+        max_rows: read at most this many rows of a real data set (in memory only).
+        num_workers: ``DataLoader`` workers (streamed: each reads its own share of the file).
+        streaming: stream the file (default: True for the streamed-only formats, else False).
+        min_count: vocabulary: values seen fewer times share id 0 (a first pass, cached).
+        hash_size: streamed: hash values into this many ids per field instead (no pass).
+        cache_dir: streamed: where the line index and vocabulary are cached.
+        shuffle_buffer: streamed: shuffle training samples within a buffer of this size.
     """
 
     def __init__(self, source: str = "synthetic", path: str | None = None, kjt: bool = True,
                  batch_size: int = 256, num_samples: int = 60_000, num_fields: int = 8,
                  vocab_size: int = 2_000, seed: int = 0, train_fraction: float = 0.8,
-                 max_rows: int | None = None, num_workers: int = 0) -> None:
+                 max_rows: int | None = None, num_workers: int = 0,
+                 streaming: bool | None = None, min_count: int = 1,
+                 hash_size: int | list[int] | None = None, cache_dir: str | None = None,
+                 shuffle_buffer: int = 0) -> None:
         super().__init__()
-        valid = ("synthetic", "criteo", "avazu", "movielens")
-        if source not in valid:
-            raise ValueError(f"Invalid source: {source!r} (valid options: {', '.join(valid)})")
+        if source not in _SOURCES:
+            raise ValueError(f"Invalid source: {source!r} (valid options: {', '.join(_SOURCES)})")
         if source != "synthetic" and path is None:
             raise ValueError(f"Invalid path: None (source {source!r} needs a file or folder)")
+        if streaming is None:
+            streaming = source in _STREAM_ONLY
+        if streaming and source in ("synthetic", "movielens"):
+            raise ValueError(f"Invalid streaming: True for source {source!r} (streamed formats: "
+                             f"criteo, avazu, {', '.join(_STREAM_ONLY)})")
+        if not streaming and source in _STREAM_ONLY:
+            raise ValueError(f"Invalid streaming: False for source {source!r} (it is read "
+                             "streamed only)")
+        if streaming and max_rows is not None:
+            raise ValueError("Invalid max_rows: streamed sources are read whole (use "
+                             "train_fraction, or a shorter file)")
+        if not streaming and hash_size is not None:
+            raise ValueError("Invalid hash_size: only for streamed sources (streaming=True)")
         self.save_hyperparameters()
+        self.hparams.streaming = streaming
         self.data = None
+
+    def _stream(self, part):
+        from .data.streaming import StreamingCTRDataset
+
+        h = self.hparams
+        return StreamingCTRDataset(
+            h.path, h.source, min_count=h.min_count, hash_size=h.hash_size, part=part,
+            even=True, cache_dir=h.cache_dir, seed=h.seed,
+            vocabulary=self.train_set.vocabulary if self.data is not None else None)
+
+    def prepare_data(self) -> None:
+        """Streamed with a vocabulary: its pass (and the line index) runs once, on rank 0,
+        and is cached for every rank's ``setup``."""
+        if self.hparams.streaming and self.hparams.hash_size is None:
+            self._stream((0.0, 1.0))
 
     def setup(self, stage: str | None = None) -> None:
         if self.data is not None:
@@ -69,10 +117,18 @@ class CTRDataModule(pl.LightningDataModule):
         if h.source == "synthetic":
             data = make_synthetic_ctr(num_samples=h.num_samples, num_fields=h.num_fields,
                                       vocab_size=h.vocab_size, seed=h.seed)
+        elif h.streaming:
+            self.train_set = self._stream((0.0, h.train_fraction))
+            self.data = self.train_set
+            self.val_set = self._stream((h.train_fraction, 1.0))
+            if not h.kjt and h.source in ("libsvm", "libffm"):
+                raise ValueError(f"Invalid kjt: False for source {h.source!r} (multi-hot bags "
+                                 "need KeyedJaggedTensor batches)")
+            return
         else:
             from .data import readers
 
-            data = readers.read(h.source, h.path, max_rows=h.max_rows)
+            data = readers.read(h.source, h.path, max_rows=h.max_rows, min_count=h.min_count)
         self.data = data
         self.train_set, self.val_set = data.split(h.train_fraction)
 
@@ -82,9 +138,21 @@ class CTRDataModule(pl.LightningDataModule):
         return list(self.data.vocab_sizes)
 
     def _loader(self, part, shuffle: bool) -> DataLoader:
-        return DataLoader(part.dataset(), batch_size=self.hparams.batch_size, shuffle=shuffle,
-                          drop_last=shuffle, num_workers=self.hparams.num_workers,
-                          collate_fn=_kjt_collate if self.hparams.kjt else _ids_collate)
+        h = self.hparams
+        collate = _kjt_collate if h.kjt else _ids_collate
+        if h.streaming:
+            from .data.streaming import collate_bags
+
+            trainer = getattr(self, "trainer", None)
+            if trainer is not None:  # this rank's share
+                part.set_rank(trainer.global_rank, trainer.world_size)
+            part.shuffle_buffer = h.shuffle_buffer if shuffle else 0
+            if h.source in ("libsvm", "libffm"):
+                collate = collate_bags
+            return DataLoader(part, batch_size=h.batch_size, num_workers=h.num_workers,
+                              collate_fn=collate)
+        return DataLoader(part.dataset(), batch_size=h.batch_size, shuffle=shuffle,
+                          drop_last=shuffle, num_workers=h.num_workers, collate_fn=collate)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader(self.train_set, True)

@@ -242,6 +242,21 @@ def _reader(source, name, content: bytes):
     return make
 
 
+def _stream(fmt, name, content: bytes | None, **kw):
+    """Build a streaming reader of ``content`` (None: no file) and read it whole."""
+    def make(tmp):
+        from lightning_sgl.data.streaming import StreamingCTRDataset
+
+        path = tmp / name
+        if content is not None:
+            path.write_bytes(content)
+
+        def action():
+            return list(StreamingCTRDataset(str(path), fmt, cache_dir=str(tmp / "cache"), **kw))
+        return action, (_file_unchanged(path) if content is not None else (lambda: None))
+    return make
+
+
 # ------------------------------------------------------------------ export, checkpoints
 def _serving_file(mutate):
     def make(tmp):
@@ -418,6 +433,36 @@ CASES = [
          "'good' is not a number", _reader("movielens", "u.data", b"1\t2\tgood\t0\n")),
     Case("reader-source", ValueError, r"Invalid source: 'kdd' \(valid options: criteo, avazu, "
          "movielens\\)", _reader("kdd", "x.txt", b"")),
+    # streaming readers (the vocabulary pass reads every line: errors surface at construction)
+    Case("stream-criteo-columns", ValueError, r"Invalid Criteo file .*c.txt', line 2: 2 "
+         r"tab-separated columns \(expected 40", _stream("criteo", "c.txt",
+                                                        (CRITEO_OK + "\n1\t2\n").encode())),
+    Case("stream-criteo-columns-hashed", ValueError, r"Invalid Criteo file .*c.txt', line 2: 2 "
+         "tab-separated", _stream("criteo", "c.txt", (CRITEO_OK + "\n1\t2\n").encode(),
+                                  hash_size=10)),
+    Case("stream-libsvm-label", ValueError, r"Invalid libsvm file .*s.txt', line 2: label 'yes' "
+         "is not a number", _stream("libsvm", "s.txt", b"1 3:1\nyes 4:1\n")),
+    Case("stream-libsvm-pair", ValueError, r"Invalid libsvm file .*s.txt', line 1: feature '3-1' "
+         "is not idx:val", _stream("libsvm", "s.txt", b"1 3-1\n")),
+    Case("stream-libsvm-value", ValueError, r"Invalid libsvm file .*s.txt', line 1: value of "
+         "'3:x' is not a number", _stream("libsvm", "s.txt", b"1 3:x\n")),
+    Case("stream-libsvm-index", ValueError, r"line 1: feature 'a:1': index 'a' is not a "
+         "non-negative integer", _stream("libsvm", "s.txt", b"0 a:1\n")),
+    Case("stream-libffm-triple", ValueError, r"Invalid libffm file .*f.txt', line 3: feature "
+         "'2:5' is not field:idx:val", _stream("libffm", "f.txt", b"1 0:1:1\n0 1:2:1\n1 2:5\n")),
+    Case("stream-libffm-field", ValueError, r"line 1: feature '7:1:1': field 7 >= num_fields 3",
+         _stream("libffm", "f.txt", b"1 7:1:1\n", num_fields=3)),
+    Case("stream-empty-file", ValueError, r"Invalid libsvm file .*s.txt', line 1: the file is "
+         "empty", _stream("libsvm", "s.txt", b"")),
+    Case("stream-missing-file", FileNotFoundError, r"Invalid path: .*nope.txt' does not exist",
+         _stream("criteo", "nope.txt", None)),
+    Case("stream-empty-line", ValueError, r"Invalid libsvm file .*s.txt', line 2: empty line",
+         _stream("libsvm", "s.txt", b"1 3:1\n\n0 2:1\n")),
+    Case("stream-avazu-fields", ValueError, r"Invalid Avazu file .*a.csv', line 3: 3 "
+         r"comma-separated fields \(the header has 4\)",
+         _stream("avazu", "a.csv", b"id,click,hour,C1\n1,0,14102100,5\n2,1,14102100\n")),
+    Case("stream-format", ValueError, r"Invalid fmt: 'csv' \(valid options: criteo, avazu, "
+         r"libsvm, libffm, criteo_binary\)", _stream("csv", "s.txt", b"1 3:1\n")),
     # export
     Case("serving-garbage", ValueError, r"Invalid serving file .*serving.pt'?: not readable",
          _serving_file(_garbage)),
@@ -458,7 +503,7 @@ def test_the_table_is_wide():
     assert len(CASES) >= 30 and len({c.id for c in CASES}) == len(CASES)
     areas = {c.id.split("-")[0] for c in CASES}
     assert {"opt", "kernel", "apply", "strategy", "grouplasso", "monitor", "criteo", "avazu",
-            "serving", "ckpt"} <= areas
+            "serving", "ckpt", "stream"} <= areas
 
 
 @pytest.mark.parametrize("case", CASES, ids=[c.id for c in CASES])

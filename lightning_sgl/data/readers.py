@@ -1,7 +1,7 @@
 """Readers for public CTR data formats, returning the same container as the synthetic set.
 
 - ``criteo``: Criteo Kaggle (Display Advertising Challenge) ``train.txt``: tab-separated
-  ``label, I1..I13, C1..C26`` (field names and counts from ``torchrec.datasets.criteo``). Integer
+  ``label, I1..I13, C1..C26`` (counts as in ``torchrec.datasets.criteo``). Integer
   features become categorical by ``floor(log2(x + 1))`` buckets (negatives and missing -> 0).
 - ``avazu``: Avazu ``train`` CSV with a header: ``id, click, hour, C1, banner_pos, ...``; label
   ``click``; ``hour`` (YYMMDDHH) becomes hour-of-day and weekday fields; ``id`` is dropped.
@@ -27,7 +27,10 @@ import torch
 
 from .synthetic import CTRDataset
 
-__all__ = ["read", "read_criteo", "read_avazu", "read_movielens"]
+__all__ = ["read", "read_criteo", "read_avazu", "read_movielens", "criteo_tokens", "AvazuLayout"]
+
+#: Criteo's columns after the label (``torchrec.datasets.criteo``'s INT/CAT_FEATURE_COUNT)
+INT_FEATURE_COUNT, CAT_FEATURE_COUNT = 13, 26
 
 
 def _encode(columns: list[list[str]], min_count: int) -> tuple[torch.Tensor, list[int]]:
@@ -57,14 +60,23 @@ def _container(ids: torch.Tensor, labels: list[float], sizes: list[int]) -> CTRD
 
 class _Lines:
     """The lines of a text file, counted: decoding errors become ``ValueError`` naming the file
-    and line (``line`` is the number of the last line read, 1-based)."""
+    and line (``line`` is the number of the last line read, 1-based).
 
-    def __init__(self, path: str, fmt: str, encoding: str = "utf-8"):
-        self.path, self.fmt, self.encoding, self.line = path, fmt, encoding, 0
+    ``offset`` (a byte position at the start of line ``line + 1``) and ``count`` read a range:
+    the streaming readers start a shard there without reading what comes before.
+    """
+
+    def __init__(self, path: str, fmt: str, encoding: str = "utf-8", offset: int = 0,
+                 line: int = 0, count: int | None = None):
+        self.path, self.fmt, self.encoding, self.line = path, fmt, encoding, line
+        self.offset, self.count = offset, count
 
     def __iter__(self):
         with open(self.path, "rb") as f:  # decoded line by line: errors point at their line
-            for raw in f:
+            f.seek(self.offset)
+            for i, raw in enumerate(f):
+                if self.count is not None and i >= self.count:
+                    return
                 self.line += 1
                 try:
                     yield raw.decode(self.encoding)
@@ -99,52 +111,68 @@ def _int_bucket(v: str, lines: _Lines, field: str) -> str:
     return "neg" if x < 0 else str(int(math.floor(math.log2(x + 1))))
 
 
-def read_criteo(path: str, max_rows: int | None = None, min_count: int = 1) -> CTRDataset:
-    from torchrec.datasets.criteo import CAT_FEATURE_COUNT, INT_FEATURE_COUNT
+def criteo_tokens(line: str, lines: _Lines) -> tuple[float, list[str]]:
+    """One Criteo TSV line -> ``(label, 39 field tokens)``: integer features as
+    ``floor(log2(x + 1))`` buckets ("neg", "missing"), categorical values as they are."""
+    parts = line.rstrip("\r\n").split("\t")
+    if len(parts) != 1 + INT_FEATURE_COUNT + CAT_FEATURE_COUNT:
+        raise lines.error(f"{len(parts)} tab-separated columns (expected "
+                          f"{1 + INT_FEATURE_COUNT + CAT_FEATURE_COUNT}: label, "
+                          f"{INT_FEATURE_COUNT} integer, {CAT_FEATURE_COUNT} categorical)")
+    tokens = [_int_bucket(parts[1 + j], lines, f"I{j + 1}") for j in range(INT_FEATURE_COUNT)]
+    return _label(parts[0], lines), tokens + parts[1 + INT_FEATURE_COUNT:]
 
-    n_fields = INT_FEATURE_COUNT + CAT_FEATURE_COUNT
-    cols: list[list[str]] = [[] for _ in range(n_fields)]
+
+def read_criteo(path: str, max_rows: int | None = None, min_count: int = 1) -> CTRDataset:
+    cols: list[list[str]] | None = None
     labels = []
     lines = _Lines(path, "Criteo")
     for i, line in enumerate(lines):
         if max_rows is not None and i >= max_rows:
             break
-        parts = line.rstrip("\r\n").split("\t")
-        if len(parts) != 1 + n_fields:
-            raise lines.error(f"{len(parts)} tab-separated columns (expected {1 + n_fields}: "
-                              f"label, {INT_FEATURE_COUNT} integer, {CAT_FEATURE_COUNT} "
-                              "categorical)")
-        labels.append(_label(parts[0], lines))
-        for j in range(INT_FEATURE_COUNT):
-            cols[j].append(_int_bucket(parts[1 + j], lines, f"I{j + 1}"))
-        for j in range(CAT_FEATURE_COUNT):
-            cols[INT_FEATURE_COUNT + j].append(parts[1 + INT_FEATURE_COUNT + j])
-    ids, sizes = _encode(cols, min_count)
+        label, tokens = criteo_tokens(line, lines)
+        cols = cols or [[] for _ in tokens]
+        labels.append(label)
+        for col, t in zip(cols, tokens):
+            col.append(t)
+    ids, sizes = _encode(cols or [[] for _ in range(39)], min_count)
     return _container(ids, labels, sizes)
+
+
+class AvazuLayout:
+    """The columns of an Avazu CSV, from its header: label ``click``; ``hour`` (YYMMDDHH) as
+    hour-of-day and day fields; ``id`` dropped; every other column a field."""
+
+    def __init__(self, header: list[str] | None, lines: _Lines):
+        if header is None or "click" not in header:
+            raise lines.error("a CSV header with 'click' is required", line=1)
+        self.width = len(header)
+        self.pos = {c: k for k, c in enumerate(header)}
+        self.names = [c for c in header if c not in ("id", "click", "hour")]
+
+    def tokens(self, row: list[str], lines: _Lines) -> tuple[float, list[str]]:
+        """One CSV row -> ``(label, field tokens)``."""
+        if len(row) != self.width:
+            raise lines.error(f"{len(row)} comma-separated fields (the header has "
+                              f"{self.width})")
+        hour = row[self.pos["hour"]] if "hour" in self.pos else ""
+        return (_label(row[self.pos["click"]], lines, "click"),
+                [hour[-2:], hour[:6]] + [row[self.pos[c]] for c in self.names])
 
 
 def read_avazu(path: str, max_rows: int | None = None, min_count: int = 1) -> CTRDataset:
     labels = []
     lines = _Lines(path, "Avazu")
     reader = csv.reader(lines)
-    header = next(reader, None)
-    if header is None or "click" not in header:
-        raise lines.error("a CSV header with 'click' is required", line=1)
-    pos = {c: k for k, c in enumerate(header)}
-    names = [c for c in header if c not in ("id", "click", "hour")]
-    cols: list[list[str]] = [[] for _ in range(len(names) + 2)]
+    layout = AvazuLayout(next(reader, None), lines)
+    cols: list[list[str]] = [[] for _ in range(len(layout.names) + 2)]
     for i, row in enumerate(reader):
         if max_rows is not None and i >= max_rows:
             break
-        if len(row) != len(header):
-            raise lines.error(f"{len(row)} comma-separated fields (the header has "
-                              f"{len(header)})")
-        labels.append(_label(row[pos["click"]], lines, "click"))
-        hour = row[pos["hour"]] if "hour" in pos else ""
-        cols[0].append(hour[-2:])  # hour of day
-        cols[1].append(hour[:6])  # day (YYMMDD)
-        for j, c in enumerate(names):
-            cols[2 + j].append(row[pos[c]])
+        label, tokens = layout.tokens(row, lines)
+        labels.append(label)
+        for col, t in zip(cols, tokens):
+            col.append(t)
     ids, sizes = _encode(cols, min_count)
     return _container(ids, labels, sizes)
 
