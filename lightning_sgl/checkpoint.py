@@ -21,6 +21,7 @@ loading reads every file once more for the verification.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -28,8 +29,10 @@ import hashlib
 import json
 import os
 import shutil
+import tempfile
 
-__all__ = ["MANIFEST", "CheckpointCorruptError", "staging_dir", "file_digest", "write_manifest",
+__all__ = ["MANIFEST", "CheckpointCorruptError", "atomic_write", "staging_dir", "file_digest",
+           "write_manifest",
            "verify", "publish", "resolve"]
 
 MANIFEST = "manifest.json"
@@ -76,18 +79,33 @@ def _fsync_dir(path: str) -> None:
         os.close(fd)
 
 
+@contextlib.contextmanager
+def atomic_write(path: str, mode: str = "wb"):
+    """``with atomic_write(path) as f: ...`` writes ``path`` whole or not at all: into a
+    temporary file in the same folder, flushed and fsync'ed, then renamed over ``path`` (a crash
+    or an exception leaves the previous file, and no temporary one)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, mode) as f:
+            yield f
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+    _fsync_dir(folder)
+
+
 def write_manifest(folder: str, files: dict[str, dict], info: dict | None = None) -> None:
     """Write ``folder/manifest.json`` (temp file, fsync, rename): the last file of a checkpoint.
 
     ``files`` maps each file name (relative to ``folder``) to its :func:`file_digest`."""
     payload = {"format": FORMAT, "files": dict(sorted(files.items())), "info": info or {}}
-    tmp = os.path.join(folder, MANIFEST + ".tmp")
-    with open(tmp, "w") as f:
+    with atomic_write(os.path.join(folder, MANIFEST), "w") as f:
         json.dump(payload, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, os.path.join(folder, MANIFEST))
-    _fsync_dir(folder)
 
 
 def read_manifest(folder: str) -> dict:

@@ -38,7 +38,6 @@ Reference: FBGEMM ``split_table_batched_embeddings_ops_inference`` (``index_rema
 import json
 import os
 import re
-import tempfile
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -431,21 +430,13 @@ def save_serving(model: nn.Module, path: str | os.PathLike) -> int:
         for name, kept in m.kept.items():
             info["tables"][name] = {"kept": kept, "rows": m.num_embeddings[name],
                                     "data_type": m.data_type}
+    import lightning_sgl.checkpoint as ckpt
+
     path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(prefix=".serving-", suffix=".tmp", dir=folder)
-    try:
-        with os.fdopen(fd, "wb") as f, warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated",
-                                    category=DeprecationWarning)
-            torch.jit.save(scripted, f, _extra_files={_EXTRA: json.dumps(info)})
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with ckpt.atomic_write(path) as f, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*torch\.jit\..* is deprecated",
+                                category=DeprecationWarning)
+        torch.jit.save(scripted, f, _extra_files={_EXTRA: json.dumps(info)})
     return os.path.getsize(path)
 
 

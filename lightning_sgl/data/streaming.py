@@ -48,7 +48,6 @@ import math
 import os
 import random
 import re
-import tempfile
 import zlib
 from collections import Counter
 from collections.abc import Iterator
@@ -57,6 +56,7 @@ from typing import NamedTuple
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
+from ..checkpoint import atomic_write
 from .readers import AvazuLayout, _label, _Lines, criteo_tokens
 
 __all__ = ["FORMATS", "Bags", "StreamingCTRDataset", "collate_bags"]
@@ -136,18 +136,8 @@ def _key(files: list[str], *parts) -> str:
 
 
 def _save_json(path: str, payload) -> None:
-    """Atomic: temporary file in the same folder, fsync, rename."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(payload, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_write(path, "w") as f:
+        json.dump(payload, f)
 
 
 def _load_json(path: str):
