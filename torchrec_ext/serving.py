@@ -23,7 +23,8 @@ Sources (:func:`export_serving`): a ``torch.distributed.checkpoint`` directory (
 ``TorchRecStrategy`` checkpoint or any DCP save holding ``...embedding_bags.<table>.weight`` and,
 optionally, the fused optimizer's ``<table>.seen``) -- only those tensors are read, and the files
 holding them are checked against the checkpoint's manifest when it has one -- or weights in
-memory (an unsharded ``EmbeddingBagCollection``, or ``{table: weight}``) with optional seen flags.
+memory (an ``EmbeddingBagCollection``, sharded ones gathered to rank 0, or ``{table: weight}``
+with optional seen flags).
 
 Cost: the export is O(rows held) once (a scan for kept rows, the quantisation of kept rows).
 Serving memory per table: ``kept x row bytes`` (fp32 ``4d``, fp16 ``2d``, int8 ``d + 4``, int4
@@ -57,7 +58,8 @@ from torch import Tensor, nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 __all__ = ["DATA_TYPES", "ServingTable", "ServingEmbeddingBagCollection", "kept_rows",
-           "read_checkpoint_tables", "export_serving", "save_serving", "load_serving"]
+           "read_checkpoint_tables", "gather_tables", "export_serving", "save_serving",
+           "load_serving"]
 
 #: the data types a served table can have, with their bits per element
 DATA_TYPES = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
@@ -120,9 +122,12 @@ def kept_rows(weight: Tensor, seen: Tensor | None = None) -> Tensor:
 
 
 def _configs(tables) -> list:
-    """``EmbeddingBagConfig`` list from an EBC (``embedding_bag_configs()``) or a list."""
+    """``EmbeddingBagConfig`` list from an EBC (``embedding_bag_configs()``; a sharded EBC keeps
+    them in ``_embedding_bag_configs``) or a list."""
     if hasattr(tables, "embedding_bag_configs"):
         return list(tables.embedding_bag_configs())
+    if isinstance(getattr(tables, "_embedding_bag_configs", None), list):
+        return list(tables._embedding_bag_configs)
     configs = list(tables)
     if not configs or not all(hasattr(c, "name") and hasattr(c, "feature_names")
                               for c in configs):
@@ -201,6 +206,57 @@ def read_checkpoint_tables(path: str | os.PathLike, names: Sequence[str]
     dcp.load(state, storage_reader=reader, no_dist=True)
     return {name: (state[w], state[s] if s is not None else None)
             for name, (w, s) in wanted.items()}
+
+
+def _sharded(t) -> bool:
+    return type(t).__name__ in ("ShardedTensor", "DTensor")
+
+
+def _is_sharded_ebc(module) -> bool:
+    return isinstance(module, nn.Module) and hasattr(module, "fused_optimizer") and any(
+        _sharded(v) for v in module.state_dict().values())
+
+
+def gather_tables(sharded, dst: int = 0) -> dict[str, tuple[Tensor, Tensor | None]] | None:
+    """Full weights and seen flags of a sharded EBC (trained by a fused Group optimizer) on rank
+    ``dst``; ``None`` on the other ranks. Collective: every rank of the EBC's process group calls
+    it, with the same ``dst``. Memory on ``dst``: the full tables (as in TorchRec's
+    ``state_dict`` consolidation). O(rows held) of communication.
+    """
+    import torch.distributed as dist
+
+    rank = dist.get_rank()
+    weights = sharded.state_dict()
+    # seen flags: a rank holds only the tables it has shards of, so the pieces travel in one
+    # gather_object (every rank takes part, whatever it holds)
+    pieces: dict[str, list[tuple[int, Tensor]]] = {}
+    for per_param in sharded.fused_optimizer.state_dict()["state"].values():
+        for key, value in per_param.items():
+            if key.endswith(".seen"):
+                name = key[:-len(".seen")]
+                pieces[name] = ([(int(sh.metadata.shard_offsets[0]), sh.tensor.detach().clone())
+                                 for sh in value.local_shards()] if _sharded(value)
+                                else [(0, value.detach().clone())])
+    gathered = [None] * dist.get_world_size() if rank == dst else None
+    dist.gather_object(pieces, gathered, dst=dst)
+
+    found = {}
+    for c in _configs(sharded):  # the same order on every rank: one gather per table
+        w = weights[f"embedding_bags.{c.name}.weight"]
+        full = torch.empty(tuple(w.size()), dtype=w.dtype) if rank == dst else None
+        if _sharded(w):
+            w.gather(dst=dst, out=full)
+        elif rank == dst:
+            full.copy_(w.detach())
+        seen = None
+        if rank == dst:
+            parts = [p for g in gathered for p in g.get(c.name, [])]
+            if parts:
+                seen = torch.zeros(c.num_embeddings, dtype=parts[0][1].dtype)
+                for offset, flags in parts:
+                    seen[offset:offset + len(flags)] = flags
+        found[c.name] = (full, seen)
+    return found if rank == dst else None
 
 
 # --------------------------------------------------------------------------- the serving module
@@ -350,13 +406,15 @@ class ServingEmbeddingBagCollection(nn.Module):
 def export_serving(tables, *, checkpoint: str | os.PathLike | None = None,
                    weights: Mapping[str, Tensor] | None = None,
                    seen: Mapping[str, Tensor] | None = None, data_type="fp32",
-                   is_weighted: bool | None = None) -> ServingEmbeddingBagCollection:
+                   is_weighted: bool | None = None) -> ServingEmbeddingBagCollection | None:
     """The serving EBC of trained tables: kept rows (non-zero and seen) in FBGEMM's inference TBE.
 
     Args:
-        tables: the trained model's ``EmbeddingBagCollection`` (unsharded; its weights are used
-            when neither ``checkpoint`` nor ``weights`` is given) or its ``EmbeddingBagConfig``
-            list: table names, feature names, pooling.
+        tables: the trained model's ``EmbeddingBagCollection`` (its weights are used when
+            neither ``checkpoint`` nor ``weights`` is given; a sharded one is gathered with
+            :func:`gather_tables` -- a collective, the module is returned on rank 0 and ``None``
+            on the others) or its ``EmbeddingBagConfig`` list: table names, feature names,
+            pooling.
         checkpoint: a DCP checkpoint directory to read the weights and seen flags from (see
             :func:`read_checkpoint_tables`).
         weights: ``{table: [num_embeddings, dim]}`` weights in memory.
@@ -366,7 +424,8 @@ def export_serving(tables, *, checkpoint: str | os.PathLike | None = None,
         is_weighted: the EBC takes per-id weights (default: ``tables.is_weighted()`` or False).
 
     Returns:
-        A :class:`ServingEmbeddingBagCollection` to put in place of the model's EBC.
+        A :class:`ServingEmbeddingBagCollection` to put in place of the model's EBC (``None`` on
+        the ranks other than 0 when ``tables`` is sharded).
     """
     dtype = _data_type(data_type)
     if checkpoint is not None and weights is not None:
@@ -379,6 +438,10 @@ def export_serving(tables, *, checkpoint: str | os.PathLike | None = None,
         is_weighted = bool(tables.is_weighted()) if hasattr(tables, "is_weighted") else False
     if checkpoint is not None:
         pairs = read_checkpoint_tables(checkpoint, names)
+    elif weights is None and _is_sharded_ebc(tables):
+        pairs = gather_tables(tables)
+        if pairs is None:
+            return None
     else:
         if weights is None:
             if not isinstance(tables, nn.Module) or not hasattr(tables, "embedding_bags"):

@@ -163,3 +163,59 @@ def test_scripted_round_trip_and_bytes(tmp_path):
         weights = sum(-(-kept[c.name] * row(c.embedding_dim) // 128) * 128 for c in TABLES)
         assert served.nbytes == weights + remap
     assert sizes["fp32"] > sizes["fp16"] > sizes["int8"] >= sizes["int4"]
+
+
+def _sharded_worker(rank, port, outdir):
+    """2 ranks: a DMP model with row-, table- and column-wise Group tables, trained; rank 0
+    exports it from memory (a collective) and scores a batch."""
+    import os
+
+    from lightning_sgl.optim import GroupAdam
+
+    from . import dist_helpers as H
+
+    H.init_process(rank, port)
+    model = H.build_model(GroupAdam, dict(lr=0.05, lambda21=0.3), "mixed")
+    H.set_full_weights(model, H.full_init())
+    H.train(model, H.rank_batches(6), rank)
+    served = export_serving(model.module.ebc, data_type="fp32")
+    torch.save(H.local_shards(model), os.path.join(outdir, f"shards-{rank}.pt"))
+    if rank == 0:
+        kjt = _mixed_kjt()
+        torch.save({"out": served(kjt).to_dict(), "kept": served.kept},
+                   os.path.join(outdir, "served.pt"))
+    else:
+        assert served is None
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def _mixed_kjt():
+    from . import dist_helpers as H
+
+    g = torch.Generator().manual_seed(3)
+    lengths = torch.randint(0, 4, (len(H.FEATURES) * 16,), generator=g)
+    values = []
+    for i, f in enumerate(H.FEATURES):
+        rows = H.TABLES[H.FEATURE_TABLE[f]][1]
+        values.append(torch.randint(0, rows, (int(lengths[i * 16:(i + 1) * 16].sum()),),
+                                    generator=g))
+    return KeyedJaggedTensor.from_lengths_sync(keys=H.FEATURES, values=torch.cat(values),
+                                               lengths=lengths)
+
+
+def test_sharded_model_exports_on_rank_zero(tmp_path):
+    from . import dist_helpers as H
+
+    H.spawn(_sharded_worker, str(tmp_path))
+    full = H.assemble([torch.load(tmp_path / f"shards-{r}.pt") for r in range(H.WORLD)])
+    got = torch.load(tmp_path / "served.pt")
+    configs = [EmbeddingBagConfig(name=n, embedding_dim=d, num_embeddings=r, feature_names=fs)
+               for n, r, d, fs in H.TABLES]
+    weights = {n: full[f"ebc.embedding_bags.{n}.weight"] for n, *_ in H.TABLES}
+    seen = {n: full[f"{n}.seen"].view(-1) for n, *_ in H.TABLES}
+    want = export_serving(configs, weights=weights, seen=seen)
+    assert got["kept"] == want.kept
+    assert 0 < sum(want.kept.values()) < sum(r for _, r, _, _ in H.TABLES)
+    ref = want(_mixed_kjt()).to_dict()
+    assert max((got["out"][k] - ref[k]).abs().max().item() for k in ref) == 0.0
