@@ -404,6 +404,14 @@ CASES = [
          _callback("SparsityMonitor", 1.5)),
     Case("monitor-tune-every", ValueError, r"Invalid tune_every_n_steps: 0",
          _callback("SparsityMonitor", 0.2, tune_every_n_steps=0)),
+    Case("monitor-schedule-share-one", ValueError, r"Invalid schedule_share: 1.0 \(valid range: "
+         r"0 <= share < 1\)", _callback("SparsityMonitor", 0.2, schedule_share=1.0)),
+    Case("monitor-schedule-share-negative", ValueError, r"Invalid schedule_share: -0.1",
+         _callback("SparsityMonitor", 0.2, schedule_share=-0.1)),
+    Case("monitor-schedule-shape", ValueError, r"Invalid schedule: 'exp' \(valid options: cubic, "
+         r"linear\)", _callback("SparsityMonitor", 0.2, schedule_share=0.5, schedule="exp")),
+    Case("monitor-schedule-no-target", ValueError, r"Invalid schedule_share: a schedule needs "
+         "target_feature_rate", _callback("SparsityMonitor", None, schedule_share=0.5)),
     Case("pruning-fraction", ValueError, r"Invalid fine_tune_fraction: 1.0",
          _callback("MagnitudePruning", 0.2, fine_tune_fraction=1.0)),
     Case("model-optimizer-missing-part", ValueError, r"no state for parts \['dense'\]",

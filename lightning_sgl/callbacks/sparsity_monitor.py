@@ -13,6 +13,13 @@ sets it, and re-applies the prox to all seen rows, so the rate is on target at o
 rows the batches do not touch. Between tunings training moves the norms a little (touched rows
 can revive, newly seen rows join); the next tuning corrects it, and every epoch ends with a
 tuning.
+
+Schedule. With ``schedule_share > 0`` the target is not forced from the first tuning, when the
+norms are still noise: it ramps from 1.0 to the final target over that share of the training
+steps, ``target_t = target + (1 - target) (1 - t / T_ramp)^3`` (the cubic schedule of gradual
+pruning, Zhu & Gupta 2017, "To prune, or not to prune", arXiv:1710.01878), and holds after it.
+``T`` is the trainer's ``estimated_stepping_batches``, fixed at the first ``on_train_start`` and
+saved, so a resumed run follows the same curve.
 """
 
 from __future__ import annotations
@@ -34,10 +41,23 @@ from ._quantile import FLOOR, Collectives, thresholds
 from ._tables import allreduce_cpu, tables_of
 
 __all__ = ["SparsityMonitor", "bisect_threshold", "feature_rates", "global_threshold",
-           "table_thresholds", "model_feature_rate"]
+           "table_thresholds", "model_feature_rate", "scheduled_rate", "SCHEDULES"]
 
 #: points of ``SparsityMonitor.history`` kept at most (older points are thinned, see ``_record``)
 HISTORY_POINTS = 512
+SCHEDULES = ("cubic", "linear")
+
+
+def scheduled_rate(target: float, step: int, ramp_steps: int, schedule: str = "cubic") -> float:
+    """The target rate at ``step`` of a ramp from 1.0 to ``target`` over ``ramp_steps`` steps
+    (``target`` from then on; ``ramp_steps=0``: ``target`` at once).
+
+    ``cubic``: ``target + (1 - target) (1 - step / ramp_steps)^3`` (Zhu & Gupta, 2017);
+    ``linear``: ``target + (1 - target) (1 - step / ramp_steps)``. O(1)."""
+    if ramp_steps <= 0 or step >= ramp_steps:
+        return target
+    left = 1.0 - max(step, 0) / ramp_steps
+    return target + (1.0 - target) * (left ** 3 if schedule == "cubic" else left)
 
 
 def feature_rates(counts: dict[str, tuple[int, int]]) -> tuple[float, dict[str, float]]:
@@ -137,6 +157,10 @@ class SparsityMonitor(Callback):
         log_every_n_steps: logging interval (default: the Trainer's ``log_every_n_steps``).
         tune_every_n_steps: tuning interval in optimizer steps.
         warmup_steps: steps before the first tuning.
+        schedule_share: share of the training steps, in [0, 1), over which the target ramps
+            from 1.0 to ``target_feature_rate`` (0: the target from the first tuning, as in the
+            paper).
+        schedule: the ramp's shape, ``"cubic"`` (gradual pruning's) or ``"linear"``.
         plot: write ``sparsity_monitor.png`` (feature rate and lambda21 over steps) at fit end.
 
     Logs ``feature_rate`` (progress bar), ``feature_rate/<table>``, ``rows_seen/<table>``,
@@ -145,8 +169,18 @@ class SparsityMonitor(Callback):
 
     def __init__(self, target_feature_rate: float | dict[str, float] | None = None, *,
                  log_every_n_steps: int | None = None, tune_every_n_steps: int = 10,
-                 warmup_steps: int = 0, plot: bool = True) -> None:
+                 warmup_steps: int = 0, schedule_share: float = 0.0,
+                 schedule: str = "cubic", plot: bool = True) -> None:
         self._validate_target(target_feature_rate)
+        if (isinstance(schedule_share, bool) or not isinstance(schedule_share, (int, float))
+                or not 0.0 <= schedule_share < 1.0):
+            raise ValueError(f"Invalid schedule_share: {schedule_share!r} (valid range: "
+                             "0 <= share < 1)")
+        if schedule not in SCHEDULES:
+            raise ValueError(f"Invalid schedule: {schedule!r} (valid options: "
+                             f"{', '.join(SCHEDULES)})")
+        if schedule_share and target_feature_rate is None:
+            raise ValueError("Invalid schedule_share: a schedule needs target_feature_rate")
         for name, v in (("log_every_n_steps", log_every_n_steps),
                         ("tune_every_n_steps", tune_every_n_steps)):
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -158,6 +192,9 @@ class SparsityMonitor(Callback):
         self.tune_every_n_steps = tune_every_n_steps
         self.warmup_steps = warmup_steps
         self.plot = plot
+        self.schedule_share, self.schedule = float(schedule_share), schedule
+        #: steps of the ramp (fixed at the first train start, saved for resume)
+        self.ramp_steps: int | None = None
         self.lambda21: dict[str, float] = {}
         #: (step, rate, mean lambda21), at most HISTORY_POINTS points (see ``_record``)
         self.history: list[tuple[int, float, float]] = []
@@ -211,9 +248,25 @@ class SparsityMonitor(Callback):
             self._tables.set_lambda21(self.lambda21)
         else:
             self.lambda21 = self._tables.lambda21()
+        if self.ramp_steps is None:  # not resumed: the ramp follows this fit's length
+            total = trainer.estimated_stepping_batches if self.schedule_share else 0
+            if not math.isfinite(total):
+                raise ValueError("Invalid schedule_share: the number of training steps is not "
+                                 "known (an iterable data set without a length: set "
+                                 "Trainer(max_steps=...))")
+            self.ramp_steps = int(self.schedule_share * total)
+
+    def current_target(self, step: int) -> float | dict[str, float] | None:
+        """The target at ``step`` on the schedule (the final target when there is none)."""
+        if self.target is None or not self.ramp_steps:
+            return self.target
+        if isinstance(self.target, dict):
+            return {k: scheduled_rate(v, step, self.ramp_steps, self.schedule)
+                    for k, v in self.target.items()}
+        return scheduled_rate(self.target, step, self.ramp_steps, self.schedule)
 
     # ------------------------------------------------------------------ tuning
-    def _tune(self) -> None:
+    def _tune(self, step: int) -> None:
         """Set the ``lambda21`` that meets the target and re-apply the prox to the seen rows.
 
         Cost per rank: the shrink norms of the seen rows (O(rows seen x dim)), two bucketing
@@ -224,12 +277,13 @@ class SparsityMonitor(Callback):
         coll = Collectives(_allreduce)
         counts = tables.counts()
         scaled = {k: (v, math.sqrt(d)) for k, (v, d) in tables.norms().items()}
-        if isinstance(self.target, dict):
-            keeps = {n: round(self.target[n] * counts[n][0]) for n in scaled if n in self.target}
+        target = self.current_target(step)
+        if isinstance(target, dict):
+            keeps = {n: round(target[n] * counts[n][0]) for n in scaled if n in target}
             new = {**self.lambda21, **table_thresholds(
                 {n: scaled[n] for n in keeps}, keeps, collectives=coll)}
         else:
-            goal = round(self.target * sum(s for s, _ in counts.values()))
+            goal = round(target * sum(s for s, _ in counts.values()))
             new = dict.fromkeys(scaled, global_threshold(scaled, goal, collectives=coll))
         tables.set_lambda21(new)
         tables.reapply()
@@ -273,14 +327,14 @@ class SparsityMonitor(Callback):
         step = trainer.global_step
         if (self.target is not None and step > self.warmup_steps
                 and step % self.tune_every_n_steps == 0):
-            self._tune()
+            self._tune(step)
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if step % every == 0:
             self._log(pl_module, step, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         if self.target is not None and trainer.global_step > self.warmup_steps:
-            self._tune()  # end every epoch on target (the rate drifts a little between tunings)
+            self._tune(trainer.global_step)  # end every epoch on target (the rate drifts a little between tunings)
         self._log(pl_module, trainer.global_step, on_epoch=True)
         rate, per = feature_rates(self._tables.counts())
         rank_zero_info(f"SparsityMonitor: step {trainer.global_step} feature rate {rate:.4f} "
@@ -322,10 +376,13 @@ class SparsityMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"lambda21": dict(self.lambda21), "history": list(self.history),
                 "history_stride": self.history_stride, "history_seen": self._history_seen,
-                "target": self.target}
+                "target": self.target, "ramp_steps": self.ramp_steps,
+                "schedule": self.schedule, "schedule_share": self.schedule_share}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.lambda21 = dict(state_dict.get("lambda21", {}))
         self.history = [tuple(h) for h in state_dict.get("history", [])]
         self.history_stride = int(state_dict.get("history_stride", 1))
         self._history_seen = int(state_dict.get("history_seen", len(self.history)))
+        if state_dict.get("ramp_steps") is not None and self.schedule_share:
+            self.ramp_steps = int(state_dict["ramp_steps"])  # the saved run's curve

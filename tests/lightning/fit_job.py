@@ -94,8 +94,11 @@ def main(out_dir: str, cfg: dict) -> None:
     if cfg.get("monitor", True):
         monitor = SparsityMonitor(target_feature_rate=cfg.get("target"),
                                   tune_every_n_steps=cfg.get("tune_every", 5),
-                                  log_every_n_steps=cfg.get("log_every", 5))
+                                  log_every_n_steps=cfg.get("log_every", 5),
+                                  schedule_share=cfg.get("schedule_share", 0.0))
         callbacks.append(monitor)
+    if cfg.get("stop_after_epoch") is not None:  # a run interrupted after that epoch
+        callbacks.append(_StopAfter(cfg["stop_after_epoch"]))
     pruning = None
     if cfg.get("prune"):
         from lightning_sgl import MagnitudePruning
@@ -138,12 +141,25 @@ def main(out_dir: str, cfg: dict) -> None:
                   "lrs": [float(g["lr"]) for g in opt.param_groups],
                   "validated": validated,
                   "lambda21": monitor.lambda21 if monitor else None,
+                  "ramp_steps": monitor.ramp_steps if monitor else None,
                   "history": monitor.history if monitor else None,
                   "plot": monitor.plot_path if monitor else None,
                   "pruned": pruning.pruned if pruning else None}
         torch.save(tables, os.path.join(out_dir, "tables.pt"))
         with open(os.path.join(out_dir, "result.json"), "w") as f:
             json.dump(result, f)
+
+
+class _StopAfter(pl.Callback):
+    """Stop at the end of epoch ``epoch`` (after ModelCheckpoint saved it): the same run as an
+    uninterrupted one, cut short, as a killed job would be."""
+
+    def __init__(self, epoch: int):
+        self.epoch = epoch
+
+    def on_train_epoch_end(self, trainer, pl_module):
+        if trainer.current_epoch == self.epoch:
+            trainer.should_stop = True
 
 
 def _plan(module, kind: str, world: int):

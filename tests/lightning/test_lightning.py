@@ -154,6 +154,42 @@ def test_lambda21_autotuning_reaches_and_holds_the_target(target, tmp_path):
     assert res["metrics"]["val_auc"] > 0.8 and fixed["metrics"]["val_auc"] > 0.8
 
 
+def test_target_schedule_ramps_then_holds(tmp_path):
+    """schedule_share=0.5: at every tuning the rate is the cubic schedule's target of that step
+    (exact order statistics), then it holds the final target."""
+    from lightning_sgl.callbacks.sparsity_monitor import scheduled_rate
+
+    target = 0.2
+    res = run_job("tests.lightning.fit_job", tmp_path,
+                  {**AUTOTUNE, "target": target, "schedule_share": 0.5})
+    ramp, steps = res["ramp_steps"], res["global_step"]
+    assert ramp == int(0.5 * steps)
+    tuned = [(s, r) for s, r, _ in res["history"] if s % AUTOTUNE["tune_every"] == 0 and s > 0]
+    worst = max(abs(r - scheduled_rate(target, s, ramp)) / scheduled_rate(target, s, ramp)
+                for s, r in tuned)
+    tail = [r for s, r, _ in res["history"] if s >= 0.8 * steps]
+    early = [r for s, r in tuned if s <= 0.2 * steps]
+    print(f"schedule: ramp {ramp} of {steps} steps; worst relative gap to the schedule at a "
+          f"tuning {worst:.4f}; rate at the first tunings {early[:3]}; last-20% range "
+          f"[{min(tail):.4f}, {max(tail):.4f}]; val_auc {res['metrics']['val_auc']:.4f}")
+    assert worst <= 0.01
+    assert min(early) > 2 * target  # not forced to the target from the first tuning
+    assert all(abs(r - target) <= 0.10 * target for r in tail)
+    assert abs(res["metrics"]["feature_rate"] - target) <= 0.05 * target
+
+
+def test_scheduled_rate_is_the_cubic_ramp():
+    from lightning_sgl.callbacks.sparsity_monitor import scheduled_rate
+
+    assert scheduled_rate(0.2, 0, 100) == 1.0
+    assert scheduled_rate(0.2, 50, 100) == pytest.approx(0.2 + 0.8 * 0.125)
+    assert scheduled_rate(0.2, 100, 100) == scheduled_rate(0.2, 500, 100) == 0.2
+    assert scheduled_rate(0.2, 50, 100, "linear") == pytest.approx(0.6)
+    assert scheduled_rate(0.2, 5, 0) == 0.2
+    rates = [scheduled_rate(0.05, s, 80) for s in range(0, 120)]
+    assert all(a >= b for a, b in zip(rates, rates[1:]))  # never rises
+
+
 def test_plain_ddp_with_sparse_embedding_and_dense_group_optimizer(tmp_path):
     res = run_job("tests.lightning.fit_job", tmp_path, {"epochs": 1, "target": 0.3,
                                                         "model": "mlp", "strategy": "ddp"})

@@ -26,14 +26,19 @@ def _result(out):
     return json.load(open(f"{out}/result.json"))
 
 
-@pytest.mark.parametrize("variant", ["scheduler", "plain_adam"])
+VARIANTS = {"scheduler": {"gamma": 0.9}, "plain_adam": {"plain_optimizer": True},
+            # target ramped over 90% of the 2 epochs: the first epoch ends mid-ramp
+            "sparsity_schedule": {"target": 0.3, "schedule_share": 0.9, "tune_every": 3}}
+
+
+@pytest.mark.parametrize("variant", list(VARIANTS))
 def test_one_epoch_plus_resume_equals_two_epochs(pair, tmp_path, variant):
-    cfg = {**BASE, "gamma": 0.9} if variant == "scheduler" else {**BASE, "plain_optimizer": True}
+    cfg = {**BASE, **VARIANTS[variant]}
     rc = pair.run(str(tmp_path / "full"), {**cfg, "epochs": 2}, free_port())
     _ok(rc, tmp_path / "full")
     ckpt = tmp_path / "first" / "ckpt"
-    rc = pair.run(str(tmp_path / "first"), {**cfg, "epochs": 1, "ckpt_dir": str(ckpt)},
-                  free_port())
+    rc = pair.run(str(tmp_path / "first"), {**cfg, "epochs": 2, "stop_after_epoch": 0,
+                                            "ckpt_dir": str(ckpt)}, free_port())
     _ok(rc, tmp_path / "first")
     rc = pair.run(str(tmp_path / "resumed"), {**cfg, "epochs": 2,
                                               "resume": str(ckpt / "last.ckpt")}, free_port())
@@ -48,7 +53,16 @@ def test_one_epoch_plus_resume_equals_two_epochs(pair, tmp_path, variant):
           f"tensors ({len(fused)} fused states); lr {lrs_full} vs {lrs_res}")
     assert diff == 0.0
     assert lrs_full == lrs_res
-    if variant == "scheduler":  # the tables' lr really decayed (and resumed decayed)
+    if variant == "sparsity_schedule":  # the same ramp, the same tuned lambda21
+        full_r, res_r = _result(tmp_path / "full"), _result(tmp_path / "resumed")
+        first = _result(tmp_path / "first")
+        print(f"  ramp {full_r['ramp_steps']} steps; lambda21 {full_r['lambda21']} vs "
+              f"{res_r['lambda21']}; rate after epoch 1 {first['metrics']['feature_rate']:.3f}, "
+              f"at the end {full_r['metrics']['feature_rate']:.3f}")
+        assert full_r["ramp_steps"] == res_r["ramp_steps"] == int(0.9 * full_r["global_step"])
+        assert full_r["lambda21"] == res_r["lambda21"]
+        assert first["metrics"]["feature_rate"] > 0.3 * 1.1  # mid-ramp: above the target
+    elif variant == "scheduler":  # the tables' lr really decayed (and resumed decayed)
         assert lrs_full[0] < 0.02 * 0.9 ** 10
     else:  # the strategy saved the tables' optimizer state beside the plain Adam's
         import torch
