@@ -210,6 +210,27 @@ def _callback(name, *args, **kw):
     return make
 
 
+class _FakeTables:
+    """Two TorchRec-like tables (500 and 100 rows, dim 8, one feature) for the budget check."""
+
+    names = ["t0", "t1"]
+
+    def layouts(self):
+        return {"t0": (500, 8, 1), "t1": (100, 8, 1)}
+
+
+def _budget(target_bytes, **kw):
+    """SparsityMonitor's train-start check of a budget (the first thing on_train_start does
+    with the tables, before any lambda21 is set)."""
+    def make(tmp):
+        import lightning_sgl
+
+        monitor = lightning_sgl.SparsityMonitor(target_bytes=target_bytes, **kw)
+        monitor._tables = _FakeTables()
+        return monitor._check_budget, _nothing
+    return make
+
+
 def _model_optimizer_missing_part(tmp):
     from lightning_sgl.factory import ModelOptimizer
 
@@ -412,6 +433,22 @@ CASES = [
          r"linear\)", _callback("SparsityMonitor", 0.2, schedule_share=0.5, schedule="exp")),
     Case("monitor-schedule-no-target", ValueError, r"Invalid schedule_share: a schedule needs "
          "target_feature_rate", _callback("SparsityMonitor", None, schedule_share=0.5)),
+    Case("monitor-bytes-and-rate", ValueError, r"Invalid target_bytes: give target_bytes or "
+         "target_feature_rate, not both", _callback("SparsityMonitor", 0.2, target_bytes=10_000)),
+    Case("monitor-bytes-zero", ValueError, r"Invalid target_bytes\['t0'\]: 0 \(a positive",
+         _callback("SparsityMonitor", target_bytes={"t0": 0})),
+    Case("monitor-serve-dtype", ValueError, r"Invalid serve_dtype: 'int2' \(valid options: fp32, "
+         r"fp16, int8, int4\)", _callback("SparsityMonitor", target_bytes=10_000,
+                                          serve_dtype="int2")),
+    # one row per table costs its remap (4 B per row) + one row aligned to 128 B:
+    # t0 2,000 + 128, t1 400 + 128 = 2,656 B
+    Case("monitor-bytes-below-one-row", ValueError, r"Invalid target_bytes: 2655 bytes is below "
+         r"what one row per table costs in fp32 \(2656 bytes", _budget(2655)),
+    Case("monitor-bytes-below-one-row-table", ValueError, r"Invalid target_bytes\['t1'\]: 500 "
+         r"bytes is below what one row of it costs in int8 \(528 bytes", _budget(
+             {"t1": 500}, serve_dtype="int8")),
+    Case("monitor-bytes-unknown-table", ValueError, r"Invalid target_bytes: unknown tables "
+         r"\['t9'\]", _budget({"t9": 10_000})),
     Case("pruning-fraction", ValueError, r"Invalid fine_tune_fraction: 1.0",
          _callback("MagnitudePruning", 0.2, fine_tune_fraction=1.0)),
     Case("model-optimizer-missing-part", ValueError, r"no state for parts \['dense'\]",

@@ -16,7 +16,7 @@ from .kernel import GroupTBE
 from .sharder import ShardedGroupEmbeddingBagCollection
 
 __all__ = ["group_modules", "feature_counts", "shrink_norms", "all_group_kernels",
-           "seen_row_weight_norms", "prune_seen_rows", "plan_tables"]
+           "seen_row_weight_norms", "prune_seen_rows", "plan_tables", "plan_table_layouts"]
 
 _COLUMN = ("column_wise", "table_column_wise")
 
@@ -124,6 +124,20 @@ def plan_tables(module: nn.Module) -> dict[str, int]:
         for cfg in sharded._embedding_bag_configs:
             if sharded.module_sharding_plan[cfg.name].sharding_type != "data_parallel":
                 out[key(cfg.name)] = cfg.embedding_dim
+    return out
+
+
+def plan_table_layouts(module: nn.Module) -> dict[str, tuple[int, int, int]]:
+    """Every model-parallel table of the sharded Group EBCs: key -> ``(num_embeddings, dim,
+    features)`` (what its serving export's size depends on). O(tables)."""
+    out: dict[str, tuple[int, int, int]] = {}
+    mods = group_modules(module)
+    for path, sharded in mods:
+        key = _keyed(mods, path)
+        for cfg in sharded._embedding_bag_configs:
+            if sharded.module_sharding_plan[cfg.name].sharding_type != "data_parallel":
+                out[key(cfg.name)] = (cfg.num_embeddings, cfg.embedding_dim,
+                                      len(cfg.feature_names))
     return out
 
 

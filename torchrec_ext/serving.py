@@ -57,8 +57,8 @@ from fbgemm_gpu.split_table_batched_embeddings_ops_inference import (
 from torch import Tensor, nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
-__all__ = ["DATA_TYPES", "ServingTable", "ServingEmbeddingBagCollection", "kept_rows",
-           "read_checkpoint_tables", "gather_tables", "export_serving", "save_serving",
+__all__ = ["DATA_TYPES", "row_bytes", "served_table_bytes", "ServingTable",
+           "ServingEmbeddingBagCollection", "kept_rows", "read_checkpoint_tables", "gather_tables", "export_serving", "save_serving",
            "load_serving"]
 
 #: the data types a served table can have, with their bits per element
@@ -90,6 +90,22 @@ class ServingTable:
     @property
     def dim(self) -> int:
         return int(self.weights.shape[1])
+
+
+def row_bytes(dim: int, data_type="fp32") -> int:
+    """Bytes of one served row: fp32 ``4d``, fp16 ``2d``, int8 ``d + 4``, int4 ``d/2 + 4`` (the
+    4 bytes: an fp16 scale and bias)."""
+    bits = DATA_TYPES[_data_type(data_type)]
+    return dim * bits // 8 + (4 if bits < 16 else 0)
+
+
+def served_table_bytes(kept: int, num_embeddings: int, dim: int, features: int = 1,
+                       data_type="fp32") -> int:
+    """Bytes one table takes in a :class:`ServingEmbeddingBagCollection` (what its ``nbytes``
+    adds up): the kept rows packed and aligned to 128 bytes (FBGEMM's CPU layout) plus one
+    int32 remap entry per original row per feature. O(1)."""
+    weights = kept * row_bytes(dim, data_type)
+    return -(-weights // 128) * 128 + 4 * num_embeddings * features
 
 
 def _data_type(data_type) -> str:

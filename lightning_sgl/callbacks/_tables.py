@@ -31,6 +31,10 @@ class TorchRecTables:
     def counts(self) -> dict[str, tuple[int, int]]:
         return self._fr.feature_counts(self.module)
 
+    def layouts(self) -> dict[str, tuple[int, int, int]]:
+        """Per table ``(num_embeddings, dim, features)``."""
+        return self._fr.plan_table_layouts(self.module)
+
     def norms(self) -> dict[str, tuple[Tensor, int]]:
         return self._fr.shrink_norms(self.module)
 

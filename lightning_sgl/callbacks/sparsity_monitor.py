@@ -20,6 +20,14 @@ steps, ``target_t = target + (1 - target) (1 - t / T_ramp)^3`` (the cubic schedu
 pruning, Zhu & Gupta 2017, "To prune, or not to prune", arXiv:1710.01878), and holds after it.
 ``T`` is the trainer's ``estimated_stepping_batches``, fixed at the first ``on_train_start`` and
 saved, so a resumed run follows the same curve.
+
+Memory budget. ``target_bytes`` (overall, or ``{table: bytes}``) sets the targets from the size
+of the serving export (:func:`torchrec_ext.serving.export_serving` in ``serve_dtype``: kept rows
+plus the id remap, :func:`torchrec_ext.serving.served_table_bytes`): per table, the most kept rows
+whose export fits its budget; overall, the largest common feature rate whose tables fit together.
+The targets are recomputed from the current counts at every tuning (rows seen grow during
+training), and every epoch ends with a tuning, so the export of the final tables is within the
+budget. O(tables) per tuning on top of the tuning itself.
 """
 
 from __future__ import annotations
@@ -41,11 +49,48 @@ from ._quantile import FLOOR, Collectives, thresholds
 from ._tables import allreduce_cpu, tables_of
 
 __all__ = ["SparsityMonitor", "bisect_threshold", "feature_rates", "global_threshold",
-           "table_thresholds", "model_feature_rate", "scheduled_rate", "SCHEDULES"]
+           "table_thresholds", "model_feature_rate", "scheduled_rate", "SCHEDULES",
+           "budget_keeps"]
 
 #: points of ``SparsityMonitor.history`` kept at most (older points are thinned, see ``_record``)
 HISTORY_POINTS = 512
 SCHEDULES = ("cubic", "linear")
+#: the data types of ``torchrec_ext.serving.DATA_TYPES`` (kept here: no FBGEMM import to check)
+SERVE_DTYPES = ("fp32", "fp16", "int8", "int4")
+
+
+def budget_keeps(budget: int | dict[str, int], seen: dict[str, int],
+                 cost: Callable[[str, int], int]) -> dict[str, int]:
+    """Rows to keep per table so the served tables fit ``budget`` bytes.
+
+    Args:
+        budget: overall bytes, or ``{table: bytes}`` (tables without one keep every seen row).
+        seen: rows seen per table (the most a table can keep).
+        cost: ``cost(table, kept)``: served bytes of ``table`` with ``kept`` rows (non-decreasing
+            in ``kept``).
+
+    Per table: the largest ``k <= seen`` with ``cost(t, k) <= budget[t]`` (a bisection).
+    Overall: the largest common rate ``r`` (to 2^-40) with ``sum cost(t, floor(r seen_t)) <=
+    budget``. O(tables x log rows).
+    """
+    def most(t: int, fits) -> int:
+        lo, hi = 0, seen[t]
+        while lo < hi:
+            mid = (lo + hi + 1) // 2
+            lo, hi = (mid, hi) if fits(mid) else (lo, mid - 1)
+        return lo
+
+    if isinstance(budget, dict):
+        return {t: (most(t, lambda k, t=t: cost(t, k) <= budget[t]) if t in budget else n)
+                for t, n in seen.items()}
+    lo, hi = 0.0, 1.0
+    total = lambda r: sum(cost(t, math.floor(r * n)) for t, n in seen.items())  # noqa: E731
+    if total(1.0) <= budget:
+        return dict(seen)
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        lo, hi = (mid, hi) if total(mid) <= budget else (lo, mid)
+    return {t: math.floor(lo * n) for t, n in seen.items()}
 
 
 def scheduled_rate(target: float, step: int, ramp_steps: int, schedule: str = "cubic") -> float:
@@ -161,6 +206,10 @@ class SparsityMonitor(Callback):
             from 1.0 to ``target_feature_rate`` (0: the target from the first tuning, as in the
             paper).
         schedule: the ramp's shape, ``"cubic"`` (gradual pruning's) or ``"linear"``.
+        target_bytes: instead of ``target_feature_rate``, a budget in bytes of the serving
+            export, overall (an int) or ``{table: bytes}`` (TorchRec tables only).
+        serve_dtype: the data type the budget is for: ``"fp32"``, ``"fp16"``, ``"int8"`` or
+            ``"int4"``.
         plot: write ``sparsity_monitor.png`` (feature rate and lambda21 over steps) at fit end.
 
     Logs ``feature_rate`` (progress bar), ``feature_rate/<table>``, ``rows_seen/<table>``,
@@ -170,8 +219,21 @@ class SparsityMonitor(Callback):
     def __init__(self, target_feature_rate: float | dict[str, float] | None = None, *,
                  log_every_n_steps: int | None = None, tune_every_n_steps: int = 10,
                  warmup_steps: int = 0, schedule_share: float = 0.0,
-                 schedule: str = "cubic", plot: bool = True) -> None:
+                 schedule: str = "cubic", target_bytes: int | dict[str, int] | None = None,
+                 serve_dtype: str = "fp32", plot: bool = True) -> None:
         self._validate_target(target_feature_rate)
+        if target_bytes is not None:
+            if target_feature_rate is not None:
+                raise ValueError("Invalid target_bytes: give target_bytes or "
+                                 "target_feature_rate, not both")
+            items = target_bytes.items() if isinstance(target_bytes, dict) else [("", target_bytes)]
+            for name, v in items:
+                if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+                    arg = f"target_bytes[{name!r}]" if name else "target_bytes"
+                    raise ValueError(f"Invalid {arg}: {v!r} (a positive number of bytes)")
+        if serve_dtype not in SERVE_DTYPES:
+            raise ValueError(f"Invalid serve_dtype: {serve_dtype!r} (valid options: "
+                             f"{', '.join(SERVE_DTYPES)})")
         if (isinstance(schedule_share, bool) or not isinstance(schedule_share, (int, float))
                 or not 0.0 <= schedule_share < 1.0):
             raise ValueError(f"Invalid schedule_share: {schedule_share!r} (valid range: "
@@ -179,8 +241,9 @@ class SparsityMonitor(Callback):
         if schedule not in SCHEDULES:
             raise ValueError(f"Invalid schedule: {schedule!r} (valid options: "
                              f"{', '.join(SCHEDULES)})")
-        if schedule_share and target_feature_rate is None:
-            raise ValueError("Invalid schedule_share: a schedule needs target_feature_rate")
+        if schedule_share and target_feature_rate is None and target_bytes is None:
+            raise ValueError("Invalid schedule_share: a schedule needs target_feature_rate or "
+                             "target_bytes")
         for name, v in (("log_every_n_steps", log_every_n_steps),
                         ("tune_every_n_steps", tune_every_n_steps)):
             if v is not None and (not isinstance(v, int) or v < 1):
@@ -188,6 +251,8 @@ class SparsityMonitor(Callback):
         if not isinstance(warmup_steps, int) or warmup_steps < 0:
             raise ValueError(f"Invalid warmup_steps: {warmup_steps!r} (valid range: integer >= 0)")
         self.target = target_feature_rate
+        self.target_bytes, self.serve_dtype = target_bytes, serve_dtype
+        self._tunes = target_feature_rate is not None or target_bytes is not None
         self.log_every_n_steps = log_every_n_steps
         self.tune_every_n_steps = tune_every_n_steps
         self.warmup_steps = warmup_steps
@@ -244,6 +309,8 @@ class SparsityMonitor(Callback):
             if unknown:
                 raise ValueError(f"Invalid target_feature_rate: unknown tables {unknown} "
                                  f"(valid: {self._tables.names})")
+        if self.target_bytes is not None:
+            self._check_budget()
         if self.lambda21:  # resumed: the tuned values are ours to restore
             self._tables.set_lambda21(self.lambda21)
         else:
@@ -256,8 +323,46 @@ class SparsityMonitor(Callback):
                                  "Trainer(max_steps=...))")
             self.ramp_steps = int(self.schedule_share * total)
 
-    def current_target(self, step: int) -> float | dict[str, float] | None:
-        """The target at ``step`` on the schedule (the final target when there is none)."""
+    def _cost(self):
+        from torchrec_ext.serving import served_table_bytes
+
+        layouts = self._tables.layouts()
+        return lambda t, k: served_table_bytes(k, *layouts[t], data_type=self.serve_dtype)
+
+    def _check_budget(self) -> None:
+        """Refuse a budget below what one row per (budgeted) table costs, before any change."""
+        if not hasattr(self._tables, "layouts"):
+            raise ValueError("Invalid target_bytes: a budget needs TorchRec tables (sharded "
+                             "Group EBCs); plain tables have no serving export")
+        cost, names = self._cost(), self._tables.names
+        if isinstance(self.target_bytes, dict):
+            unknown = sorted(set(self.target_bytes) - set(names))
+            if unknown:
+                raise ValueError(f"Invalid target_bytes: unknown tables {unknown} (valid: "
+                                 f"{names})")
+            for t, b in self.target_bytes.items():
+                if cost(t, 1) > b:
+                    raise ValueError(f"Invalid target_bytes[{t!r}]: {b} bytes is below what one "
+                                     f"row of it costs in {self.serve_dtype} ({cost(t, 1)} bytes "
+                                     "with its id remap)")
+        elif sum(cost(t, 1) for t in names) > self.target_bytes:
+            raise ValueError(f"Invalid target_bytes: {self.target_bytes} bytes is below what one "
+                             f"row per table costs in {self.serve_dtype} "
+                             f"({sum(cost(t, 1) for t in names)} bytes with the id remaps)")
+
+    def current_target(self, step: int, counts: dict[str, tuple[int, int]] | None = None
+                       ) -> float | dict[str, float] | None:
+        """The target at ``step`` on the schedule (the final target when there is none); with
+        ``target_bytes``, the per-table rates the budget allows for the current ``counts``."""
+        if self.target_bytes is not None:
+            counts = counts if counts is not None else self._tables.counts()
+            seen = {t: s for t, (s, _) in counts.items()}
+            keeps = budget_keeps(self.target_bytes, seen, self._cost())
+            final = {t: (keeps[t] / seen[t] if seen[t] else 1.0) for t in seen}
+            if not self.ramp_steps:
+                return final
+            return {t: scheduled_rate(v, step, self.ramp_steps, self.schedule)
+                    for t, v in final.items()}
         if self.target is None or not self.ramp_steps:
             return self.target
         if isinstance(self.target, dict):
@@ -277,9 +382,11 @@ class SparsityMonitor(Callback):
         coll = Collectives(_allreduce)
         counts = tables.counts()
         scaled = {k: (v, math.sqrt(d)) for k, (v, d) in tables.norms().items()}
-        target = self.current_target(step)
+        target = self.current_target(step, counts)
         if isinstance(target, dict):
-            keeps = {n: round(target[n] * counts[n][0]) for n in scaled if n in target}
+            # the floor of an exact budget share stays in the budget; rates round to nearest
+            rnd = math.floor if self.target_bytes is not None else round
+            keeps = {n: rnd(target[n] * counts[n][0] + 1e-9) for n in scaled if n in target}
             new = {**self.lambda21, **table_thresholds(
                 {n: scaled[n] for n in keeps}, keeps, collectives=coll)}
         else:
@@ -325,7 +432,7 @@ class SparsityMonitor(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if (self.target is not None and step > self.warmup_steps
+        if (self._tunes and step > self.warmup_steps
                 and step % self.tune_every_n_steps == 0):
             self._tune(step)
         every = self.log_every_n_steps or trainer.log_every_n_steps
@@ -333,7 +440,7 @@ class SparsityMonitor(Callback):
             self._log(pl_module, step, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self.target is not None and trainer.global_step > self.warmup_steps:
+        if self._tunes and trainer.global_step > self.warmup_steps:
             self._tune(trainer.global_step)  # end every epoch on target (the rate drifts a little between tunings)
         self._log(pl_module, trainer.global_step, on_epoch=True)
         rate, per = feature_rates(self._tables.counts())
@@ -376,7 +483,8 @@ class SparsityMonitor(Callback):
     def state_dict(self) -> dict[str, Any]:
         return {"lambda21": dict(self.lambda21), "history": list(self.history),
                 "history_stride": self.history_stride, "history_seen": self._history_seen,
-                "target": self.target, "ramp_steps": self.ramp_steps,
+                "target": self.target, "target_bytes": self.target_bytes,
+                "ramp_steps": self.ramp_steps,
                 "schedule": self.schedule, "schedule_share": self.schedule_share}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:

@@ -95,7 +95,9 @@ def main(out_dir: str, cfg: dict) -> None:
         monitor = SparsityMonitor(target_feature_rate=cfg.get("target"),
                                   tune_every_n_steps=cfg.get("tune_every", 5),
                                   log_every_n_steps=cfg.get("log_every", 5),
-                                  schedule_share=cfg.get("schedule_share", 0.0))
+                                  schedule_share=cfg.get("schedule_share", 0.0),
+                                  target_bytes=cfg.get("target_bytes"),
+                                  serve_dtype=cfg.get("serve_dtype", "fp32"))
         callbacks.append(monitor)
     if cfg.get("stop_after_epoch") is not None:  # a run interrupted after that epoch
         callbacks.append(_StopAfter(cfg["stop_after_epoch"]))

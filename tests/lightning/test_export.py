@@ -144,3 +144,32 @@ def test_export_refuses_a_corrupt_checkpoint_naming_the_file(trained, tmp_path):
     shard.write_bytes(bytes(data))
     with pytest.raises(ValueError, match=r"__1_0\.distcp is corrupt"):
         export_serving(model.ebc, checkpoint=bad)
+
+
+BUDGETS = {  # 4 tables x 500 rows x dim 8; the id remap alone is 2,000 B per table
+    "overall-fp32": ("fp32", 4 * 2_000 + 300 * 32),
+    "per-table-int8": ("int8", {"t0": 2_000 + 40 * 12, "t1": 2_000 + 90 * 12,
+                                "t2": 2_000 + 200 * 12, "t3": 2_000 + 120 * 12}),
+}
+
+
+@pytest.mark.parametrize("case", list(BUDGETS))
+def test_target_bytes_budget_holds_in_the_export(tmp_path, case):
+    """SparsityMonitor(target_bytes=...) on 2 ranks: the export of the final checkpoint is within
+    the budget and uses at least 95% of it, overall and per table."""
+    from torchrec_ext.serving import served_table_bytes
+
+    dtype, budget = BUDGETS[case]
+    cfg = {"epochs": 1, "target": None, "target_bytes": budget, "serve_dtype": dtype,
+           "group": {"lr": 0.02, "lambda21": 1e-4}, "ckpt_dir": str(tmp_path / "ckpt")}
+    run_job("tests.lightning.fit_job", tmp_path, cfg)
+    model = DLRMLite(VOCAB, dim=8, device="cpu")
+    served = export_serving(model.ebc, checkpoint=tmp_path / "ckpt" / "last.ckpt",
+                            data_type=dtype)
+    per = {t: served_table_bytes(k, 500, 8, 1, dtype) for t, k in served.kept.items()}
+    assert sum(per.values()) == served.nbytes
+    print(f"{case}: budget {budget}, served {served.nbytes} B ({per}), kept {served.kept}")
+    pairs = budget.items() if isinstance(budget, dict) else [("all", budget)]
+    for t, b in pairs:
+        got = per[t] if t != "all" else served.nbytes
+        assert 0.95 * b <= got <= b, (t, got, b)

@@ -6,7 +6,14 @@ import pytest
 import torch
 from torchrec import EmbeddingBagCollection, EmbeddingBagConfig, KeyedJaggedTensor, PoolingType
 
-from torchrec_ext.serving import DATA_TYPES, export_serving, kept_rows, load_serving, save_serving
+from torchrec_ext.serving import (
+    DATA_TYPES,
+    export_serving,
+    kept_rows,
+    load_serving,
+    save_serving,
+    served_table_bytes,
+)
 
 TABLES = [  # a mean-pooled table, a sum table shared by two features, a table with no kept row
     EmbeddingBagConfig(name="a", embedding_dim=8, num_embeddings=300, feature_names=["fa"],
@@ -162,6 +169,9 @@ def test_scripted_round_trip_and_bytes(tmp_path):
         # FBGEMM on CPU packs rows (no row padding) and aligns each table to 128 bytes
         weights = sum(-(-kept[c.name] * row(c.embedding_dim) // 128) * 128 for c in TABLES)
         assert served.nbytes == weights + remap
+        assert served.nbytes == sum(served_table_bytes(
+            kept[c.name], c.num_embeddings, c.embedding_dim, len(c.feature_names), data_type)
+            for c in TABLES)  # the budget's cost model (SparsityMonitor(target_bytes=...))
     assert sizes["fp32"] > sizes["fp16"] > sizes["int8"] >= sizes["int4"]
 
 
