@@ -58,8 +58,8 @@ from torch import Tensor, nn
 from torchrec.sparse.jagged_tensor import KeyedJaggedTensor, KeyedTensor
 
 __all__ = ["DATA_TYPES", "row_bytes", "served_table_bytes", "ServingTable",
-           "ServingEmbeddingBagCollection", "kept_rows", "read_checkpoint_tables", "gather_tables", "export_serving", "save_serving",
-           "load_serving"]
+           "ServingEmbeddingBagCollection", "kept_rows", "read_checkpoint_tables", "gather_tables",
+           "export_serving", "save_serving", "load_serving"]
 
 #: the data types a served table can have, with their bits per element
 DATA_TYPES = {"fp32": 32, "fp16": 16, "int8": 8, "int4": 4}
