@@ -242,7 +242,8 @@ def _parse_libffm(line: str, lines: _Lines, fields: int | None):
 
 class _Text:
     """Lines ``[first, first + count)`` of the data (header excluded) parsed to
-    ``(label, tokens per field, values per field or None)``."""
+    ``(label, tokens, values)``: one token per field and ``None`` (criteo, avazu), or per field a
+    list of tokens and a list of values (libsvm, libffm)."""
 
     def __init__(self, path: str, fmt: str, index: dict, fields: int | None):
         self.path, self.fmt, self.index, self.fields = path, fmt, index, fields
@@ -269,11 +270,11 @@ class _Text:
         if self.fmt == "criteo":
             for line in it:
                 label, tokens = criteo_tokens(line, lines)
-                yield label, [[t] for t in tokens], None
+                yield label, tokens, None
         elif self.fmt == "avazu":
             for row in csv.reader(it):
                 label, tokens = self.layout.tokens(row, lines)
-                yield label, [[t] for t in tokens], None
+                yield label, tokens, None
         else:
             parse = _parse_libsvm if self.fmt == "libsvm" else _parse_libffm
             for line in it:
@@ -321,9 +322,8 @@ class _Binary:
                     if label not in (0.0, 1.0):
                         raise ValueError(f"Invalid Criteo binary file {labels!r}, row {row + r}: "
                                          f"label {label} is not 0 or 1")
-                    b = buckets[r]
-                    tokens = [[int(math.floor(v)) if math.isfinite(v) else -1] for v in b]
-                    yield label, tokens + [[int(v)] for v in s[r]], None
+                    tokens = [int(math.floor(v)) if math.isfinite(v) else -1 for v in buckets[r]]
+                    yield label, tokens + [int(v) for v in s[r]], None
                 row += m
             start += n
 
@@ -378,6 +378,7 @@ class StreamingCTRDataset(IterableDataset):
         self.path, self.fmt, self.min_count, self.part = path, fmt, min_count, tuple(part)
         self.even, self.shuffle_buffer, self.seed = even, shuffle_buffer, seed
         self.cache_dir = cache_dir
+        self._one_hot = fmt in ("criteo", "avazu", "criteo_binary")
         files = _files(path, fmt)
         if fmt == "criteo_binary":
             self._source = _Binary(files, chunk_rows)
@@ -450,11 +451,16 @@ class StreamingCTRDataset(IterableDataset):
             bar = _progress(sum(os.path.getsize(f) for f in self._files),
                             f"vocabulary of {os.path.basename(self.path)}")
             done = 0
+            one_hot = self._one_hot
             for i, (_, tokens, _) in enumerate(self._source.read(0, self._source.rows)):
                 while len(counts) < len(tokens):  # libffm: fields appear as they come
                     counts.append(Counter())
-                for c, ts in zip(counts, tokens):
-                    c.update(ts)
+                if one_hot:
+                    for c, t in zip(counts, tokens):
+                        c[t] += 1
+                else:
+                    for c, ts in zip(counts, tokens):
+                        c.update(ts)
                 if bar is not None and i % 65536 == 65535:
                     pos = int(bar.total * (i + 1) / max(self._source.rows, 1))
                     bar.update(pos - done)
@@ -465,22 +471,29 @@ class StreamingCTRDataset(IterableDataset):
             _save_json(cache, found)
         return [{v: i + 1 for i, v in enumerate(values)} for values in found]
 
+    @staticmethod
+    def _hashed(t, h: int) -> int:
+        return t % h if isinstance(t, int) else zlib.crc32(t.encode()) % h
+
     def _encode(self, f: int, tokens: list) -> list[int]:
         if self._hash is not None:
-            h = self._hash[f]
-            return [t % h if isinstance(t, int) else zlib.crc32(t.encode()) % h for t in tokens]
+            return [self._hashed(t, self._hash[f]) for t in tokens]
         vocab = self.vocabulary[f] if f < len(self.vocabulary) else {}
         return [vocab.get(t, 0) for t in tokens]
 
     # ---------------------------------------------------------------- iteration
     def _samples(self, first: int, count: int):
-        one_hot = self.fmt in ("criteo", "avazu", "criteo_binary")
+        if self._one_hot:  # one token per field: one pass over the fields per sample
+            hashes, vocab = self._hash, self.vocabulary
+            for label, tokens, _ in self._source.read(first, count):
+                ids = ([self._hashed(t, h) for t, h in zip(tokens, hashes)] if hashes is not None
+                       else [v.get(t, 0) for v, t in zip(vocab, tokens)])
+                yield (torch.tensor(ids, dtype=torch.long),
+                       torch.tensor(label, dtype=torch.float32))
+            return
         for label, tokens, values in self._source.read(first, count):
             y = torch.tensor(label, dtype=torch.float32)
             ids = [self._encode(f, ts) for f, ts in enumerate(tokens)]
-            if one_hot:
-                yield torch.tensor([i[0] for i in ids], dtype=torch.long), y
-                continue
             flat_vals = [v for vs in values for v in vs]
             weights = None if all(v == 1.0 for v in flat_vals) else torch.tensor(
                 flat_vals, dtype=torch.float32)
