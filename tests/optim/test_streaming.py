@@ -184,3 +184,13 @@ def test_lines_past_the_index_stride_are_found(tmp_path, monkeypatch):
     first = StreamingCTRDataset(path, "libsvm", cache_dir=str(tmp_path / "cache"))
     everything = [int(x.ids[0]) for x, _ in first]
     assert tags == everything[33:90]
+
+
+def test_shuffle_buffer_permutes_the_same_samples(files, tmp_path):
+    def tags(**kw):
+        ds = StreamingCTRDataset(files["avazu"], "avazu", cache_dir=str(tmp_path), **kw)
+        return [int(x[2]) for x, _ in ds]
+
+    plain, a, b = tags(), tags(shuffle_buffer=64, seed=1), tags(shuffle_buffer=64, seed=1)
+    assert a == b and a != plain and sorted(a) == sorted(plain)  # deterministic, a permutation
+    assert tags(shuffle_buffer=64, seed=2) != a
