@@ -194,3 +194,28 @@ def test_shuffle_buffer_permutes_the_same_samples(files, tmp_path):
     plain, a, b = tags(), tags(shuffle_buffer=64, seed=1), tags(shuffle_buffer=64, seed=1)
     assert a == b and a != plain and sorted(a) == sorted(plain)  # deterministic, a permutation
     assert tags(shuffle_buffer=64, seed=2) != a
+
+
+def test_collate_bags_puts_ids_key_major_with_weights():
+    """Against a per-sample, per-field reference: values, weights (1 where a sample has none)
+    and lengths of every key."""
+    g = torch.Generator().manual_seed(0)
+    batch = []
+    for b in range(7):
+        ln = torch.randint(0, 4, (3,), generator=g)
+        ids = torch.randint(0, 100, (int(ln.sum()),), generator=g)
+        w = torch.rand(len(ids), generator=g) if b % 2 else None
+        batch.append((Bags(ln, ids, w), torch.tensor(float(b % 2))))
+    kjt, y = collate_bags(batch)
+    d = kjt.to_dict()
+    for f in range(3):
+        ids = torch.cat([bg.ids.split(bg.lengths.tolist())[f] for bg, _ in batch])
+        ws = torch.cat([(bg.weights if bg.weights is not None else torch.ones(len(bg.ids)))
+                        .split(bg.lengths.tolist())[f] for bg, _ in batch])
+        assert torch.equal(d[f"f{f}"].values(), ids)
+        assert torch.equal(d[f"f{f}"].weights(), ws)
+        assert torch.equal(d[f"f{f}"].lengths(), torch.stack([bg.lengths[f] for bg, _ in batch]))
+    assert y.tolist() == [float(b % 2) for b in range(7)]
+    unweighted, _ = collate_bags([(Bags(torch.tensor([1, 0]), torch.tensor([5]), None),
+                                   torch.tensor(1.0))])
+    assert unweighted.weights_or_none() is None
