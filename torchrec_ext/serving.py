@@ -175,7 +175,9 @@ def read_checkpoint_tables(path: str | os.PathLike, names: Sequence[str]
     optimizer state; the seen flags are the fused optimizer's ``<table>.seen`` of that parameter.
     A checkpoint with a ``manifest.json`` (written by ``TorchRecStrategy``) has the files holding
     these tensors verified first (size and SHA-256), so a corrupt shard is refused naming its
-    file. O(rows of the named tables) of reading.
+    file. Cost: O(rows of the named tables) of loading and memory; the verification hashes the
+    files that hold them, which with DCP's one file per rank also hold that rank's optimizer
+    state (read, not loaded).
 
     Args:
         path: the checkpoint directory (``resolve``-d like ``TorchRecStrategy`` does: an

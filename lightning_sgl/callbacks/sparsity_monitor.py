@@ -73,7 +73,7 @@ def budget_keeps(budget: int | dict[str, int], seen: dict[str, int],
     Overall: the largest common rate ``r`` (to 2^-40) with ``sum cost(t, floor(r seen_t)) <=
     budget``. O(tables x log rows).
     """
-    def most(t: int, fits) -> int:
+    def most(t: str, fits) -> int:
         lo, hi = 0, seen[t]
         while lo < hi:
             mid = (lo + hi + 1) // 2

@@ -229,3 +229,9 @@ def test_sharded_model_exports_on_rank_zero(tmp_path):
     assert 0 < sum(want.kept.values()) < sum(r for _, r, _, _ in H.TABLES)
     ref = want(_mixed_kjt()).to_dict()
     assert max((got["out"][k] - ref[k]).abs().max().item() for k in ref) == 0.0
+
+
+def test_the_monitor_budget_knows_every_served_data_type():
+    from lightning_sgl.callbacks.sparsity_monitor import SERVE_DTYPES
+
+    assert SERVE_DTYPES == tuple(DATA_TYPES)
