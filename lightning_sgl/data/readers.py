@@ -27,7 +27,8 @@ import torch
 
 from .synthetic import CTRDataset
 
-__all__ = ["read", "read_criteo", "read_avazu", "read_movielens", "criteo_tokens", "AvazuLayout"]
+__all__ = ["read", "read_criteo", "read_avazu", "read_movielens", "criteo_tokens", "AvazuLayout",
+           "finite_number"]
 
 #: Criteo's columns after the label (``torchrec.datasets.criteo``'s INT/CAT_FEATURE_COUNT)
 INT_FEATURE_COUNT, CAT_FEATURE_COUNT = 13, 26
@@ -221,14 +222,20 @@ def _read_movielens_atomic(folder: str, max_rows: int | None, min_count: int) ->
     return _container(ids, labels, sizes)
 
 
-def _rating(value: str, lines: _Lines) -> float:
+def finite_number(text: str, lines: _Lines, what: str) -> float:
+    """``float(text)``, refused naming the file and line (``what`` names the field) when it is
+    not a number or not finite."""
     try:
-        r = float(value)
+        x = float(text)
     except ValueError:
-        raise lines.error(f"rating {value!r} is not a number") from None
-    if not math.isfinite(r):
-        raise lines.error(f"rating {value!r} is not finite")
-    return r
+        raise lines.error(f"{what} is not a number") from None
+    if not math.isfinite(x):
+        raise lines.error(f"{what} is not finite")
+    return x
+
+
+def _rating(value: str, lines: _Lines) -> float:
+    return finite_number(value, lines, f"rating {value!r}")
 
 
 def read_movielens(path: str, max_rows: int | None = None, min_count: int = 1) -> CTRDataset:

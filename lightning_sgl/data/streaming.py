@@ -57,7 +57,7 @@ import torch
 from torch.utils.data import IterableDataset, get_worker_info
 
 from ..checkpoint import atomic_write
-from .readers import AvazuLayout, _label, _Lines, criteo_tokens
+from .readers import AvazuLayout, _label, _Lines, criteo_tokens, finite_number
 
 __all__ = ["FORMATS", "Bags", "StreamingCTRDataset", "collate_bags"]
 
@@ -192,13 +192,7 @@ def _pair(token: str, lines: _Lines, what: str, parts: int) -> list[str]:
 
 
 def _value(v: str, token: str, lines: _Lines) -> float:
-    try:
-        x = float(v)
-    except ValueError:
-        raise lines.error(f"value of {token!r} is not a number") from None
-    if not math.isfinite(x):
-        raise lines.error(f"value of {token!r} is not finite")
-    return x
+    return finite_number(v, lines, f"value of {token!r}")
 
 
 def _svm_label(value: str, lines: _Lines) -> float:
