@@ -91,6 +91,9 @@ class CTRDataModule(pl.LightningDataModule):
                              "train_fraction, or a shorter file)")
         if not streaming and hash_size is not None:
             raise ValueError("Invalid hash_size: only for streamed sources (streaming=True)")
+        if not kjt and source in ("libsvm", "libffm"):
+            raise ValueError(f"Invalid kjt: False for source {source!r} (multi-hot bags need "
+                             "KeyedJaggedTensor batches)")
         self.save_hyperparameters()
         self.hparams.streaming = streaming
         self.data = None
@@ -121,9 +124,6 @@ class CTRDataModule(pl.LightningDataModule):
             self.train_set = self._stream((0.0, h.train_fraction))
             self.data = self.train_set
             self.val_set = self._stream((h.train_fraction, 1.0))
-            if not h.kjt and h.source in ("libsvm", "libffm"):
-                raise ValueError(f"Invalid kjt: False for source {h.source!r} (multi-hot bags "
-                                 "need KeyedJaggedTensor batches)")
             return
         else:
             from .data import readers

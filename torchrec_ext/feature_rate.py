@@ -117,14 +117,7 @@ def _keyed(mods: list, path: str):
 
 def plan_tables(module: nn.Module) -> dict[str, int]:
     """Every model-parallel table of the sharded Group EBCs (same on all ranks): key -> dim."""
-    out: dict[str, int] = {}
-    mods = group_modules(module)
-    for path, sharded in mods:
-        key = _keyed(mods, path)
-        for cfg in sharded._embedding_bag_configs:
-            if sharded.module_sharding_plan[cfg.name].sharding_type != "data_parallel":
-                out[key(cfg.name)] = cfg.embedding_dim
-    return out
+    return {k: dim for k, (_, dim, _) in plan_table_layouts(module).items()}
 
 
 def plan_table_layouts(module: nn.Module) -> dict[str, tuple[int, int, int]]:
