@@ -21,6 +21,7 @@ from ._functional import (
     group_norms,
     reprox_rows_,
     rowwise_view,
+    support_rows,
     to_groups,
 )
 from ._moments import get_rule
@@ -116,7 +117,8 @@ class GroupOptimizer(Optimizer):
     """
 
     rule: ClassVar[str]
-    _flags = ("group_by", "rowwise", "exact_group_norm", "nonfinite", "compiled", "track_seen")
+    _flags = ("group_by", "rowwise", "exact_group_norm", "nonfinite", "compiled", "track_seen",
+              "fixed_support")
 
     def __init__(self, params, defaults: dict):
         self._validate(defaults, params=None)
@@ -151,6 +153,8 @@ class GroupOptimizer(Optimizer):
         check_bool("compiled", group["compiled"])
         group.setdefault("track_seen", False)
         check_bool("track_seen", group["track_seen"])
+        group.setdefault("fixed_support", False)
+        check_bool("fixed_support", group["fixed_support"])
         if group["rowwise"] and not get_rule(self.rule).second_moment_names:
             raise ValueError(f"Invalid rowwise: True ({type(self).__name__} has no second moment)")
         self._validate_extra(group)
@@ -342,7 +346,9 @@ class GroupOptimizer(Optimizer):
             kw = dict(step=step, hp=hp, rule_name=self.rule, rowwise=rowwise,
                       exact=group["exact_group_norm"], compiled=group["compiled"])
             grad, h = grads[p], sq_of.get(p)
-            if grad.is_sparse or i in bad:
+            if group["fixed_support"] and gb == "row":
+                idx, refused = self._support_step(p, grad, h, state, states, rw, i in bad, kw)
+            elif grad.is_sparse or i in bad:
                 idx, refused = self._lazy(p, grad, h, state["dual"], states, rw, gb, i in bad, kw)
             else:
                 idx = None
@@ -417,8 +423,12 @@ class GroupOptimizer(Optimizer):
                 if not state:
                     continue
                 gb = resolve_group_by(p, group["group_by"], name)
-                # only rows that were trained, for lazy tables; every group otherwise
+                # only rows that were trained, for lazy tables; every group otherwise; with the
+                # support fixed, only support rows (a zero row would revive at lambda21 = 0)
                 rows = state["seen"].nonzero().view(-1) if "seen" in state else None
+                if group["fixed_support"] and gb == "row":
+                    keep = support_rows(to_groups(p, gb), state.get("seen"))
+                    rows = keep.nonzero().view(-1)
                 x2d, dual2d = to_groups(p, gb), to_groups(state["dual"], gb)
                 if rows is None and (not _is_view_of(x2d, p) or not _is_view_of(dual2d,
                                                                                   state["dual"])):
@@ -429,6 +439,40 @@ class GroupOptimizer(Optimizer):
                 if not _is_view_of(x2d, p):
                     p.copy_(from_groups(x2d, gb, p.shape))
                     state["dual"].copy_(from_groups(dual2d, gb, p.shape))
+
+    @staticmethod
+    def _support_step(p, grad, h, state, states, rw, skip_nonfinite, kw) -> tuple[Tensor, Tensor]:
+        """A step with the support fixed (``fixed_support=True``, row groups): only the rows of
+        the gradient that :func:`~._functional.support_rows` keeps take a (lazy) step -- with a
+        dense gradient that is every support row, as the dense step would; a zero row keeps its
+        values and state; a row seen for the first time is set to zero and marked seen. O(rows
+        of the gradient x d). Returns ``(rows stepped, mask of those refused)``."""
+        x2d = to_groups(p, "row")
+        if grad.is_sparse:
+            idx, rows = grad.indices()[0], grad.values().reshape(grad.indices().shape[1], -1)
+            touched = torch.ones(idx.numel(), dtype=torch.bool, device=idx.device)
+            sq_rows = None
+        else:
+            rows = to_groups(grad, "row")
+            idx = torch.arange(rows.shape[0], device=rows.device)
+            touched = rows.ne(0).any(dim=1)
+            sq_rows = None if h is None else to_groups(h, "row")
+        seen = state.get("seen")
+        keep = support_rows(x2d.index_select(0, idx), None if seen is None else seen[idx])
+        if seen is not None:  # first seen now: outside the support, served as zero
+            new = idx[touched & seen[idx].eq(0)]
+            x2d.index_fill_(0, new, 0.0)
+            seen[new] = 1
+        if skip_nonfinite:
+            keep &= torch.isfinite(rows).all(dim=1)
+            if sq_rows is not None:
+                keep &= torch.isfinite(sq_rows).all(dim=1)
+        idx, rows = idx[keep], rows[keep]
+        sq_rows = None if sq_rows is None else sq_rows[keep]
+        states2d = [rowwise_view(s) if r else to_groups(s, "row") for s, r in zip(states, rw)]
+        refused = apply_rows_(x2d, idx, rows, to_groups(state["dual"], "row"), states2d,
+                              sq_rows=sq_rows, **kw)
+        return idx, refused
 
     @staticmethod
     def _lazy(p, grad, h, dual, states, rw, gb, skip_nonfinite, kw) -> tuple[Tensor, Tensor]:

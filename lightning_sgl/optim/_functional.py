@@ -207,6 +207,25 @@ def rows_finite(*tensors: Tensor) -> Tensor:
     return ok
 
 
+def support_rows(x_rows: Tensor, seen: Tensor | None = None) -> Tensor:
+    """The fixed-support rule of a refit (the *relaxed* group lasso): ``[G]`` bool, the rows of
+    ``x_rows`` (``[G, d]``) that may still train once the support is fixed.
+
+    A row is in the support iff it is non-zero and -- when ``seen`` (``[G]`` flags: the row was
+    trained before) is given -- was seen. A zero row stays zero and keeps its state: training it
+    with ``lambda21 = 0`` would revive it through its dual, which holds everything the penalty
+    shrank away. A row seen for the first time while the support is fixed is outside it; the
+    front ends set it to zero and mark it seen (it is served as zero, like every deleted row).
+    Every front end (dense optimizers, the fused kernel's eager and native updates, the prox
+    re-application) applies this one rule; O(G x d).
+
+    Reference: Meinshausen, "Relaxed Lasso", Computational Statistics & Data Analysis 52 (2007);
+    the support is the one the sparse group lasso of Yue et al. (Algorithm 1) selected.
+    """
+    keep = x_rows.ne(0).any(dim=1)
+    return keep if seen is None else keep & seen.bool()
+
+
 def _dense_(param, grad, dual, states, rowwise_flags, step, hp, sq_of, rule_name, group_by, rowwise,
             exact):
     """Algorithm 1 on a whole parameter, writing param, dual and states in place (rows whose

@@ -11,7 +11,8 @@ given:
   :func:`group_norms` re-use the state without a gradient;
 - in-place row front ends shared by the dense optimizers and the fused tables:
   :func:`apply_dense_`, :func:`apply_rows_`, :func:`accumulate_rows_`, :func:`reprox_rows_`
-  (each guards its writes with :func:`rows_finite`), and the group layouts :func:`to_groups` /
+  (each guards its writes with :func:`rows_finite`), the refit's fixed-support rule
+  :func:`support_rows`, and the group layouts :func:`to_groups` /
   :func:`from_groups`;
 - one spec per base optimizer (:class:`OptimizerSpec`, :data:`SPECS`, :func:`get_spec`,
   :data:`FUSED_RULES`, :func:`validate_hyperparameters`) and the argument checks;
@@ -36,6 +37,7 @@ from ._functional import (
     rowwise_view,
     second_moment_input,
     step_is_finite,
+    support_rows,
     to_groups,
 )
 from ._moments import RULES, MomentRule, get_rule, step_scalars
@@ -61,7 +63,7 @@ __all__ = [
     "group_step", "dual_and_moments", "step_is_finite", "reprox", "group_norms",
     "second_moment_input", "apply_dense_", "apply_rows_", "accumulate_rows_", "reprox_rows_",
     "row_group_norms",
-    "rows_finite", "to_groups", "from_groups", "rowwise_view",
+    "rows_finite", "support_rows", "to_groups", "from_groups", "rowwise_view",
     "RULES", "MomentRule", "get_rule", "step_scalars",
     "dual_update", "dual_carry", "dual_to_z",
     "soft_threshold", "group_norm", "group_shrink", "prox",

@@ -78,7 +78,7 @@ def _compare(kernel, ref, ref_opt, tol=1e-6):
                         kernel.get_optimizer_state()):
         worst = max(worst, _err(w, t.weight))
         ref_state = ref_opt.state[t.weight]
-        assert set(st) == set(ref_state) - {"step"}
+        assert set(st) == set(ref_state) - {"step", "seen"}
         for key, v in st.items():
             if key != "dual":
                 worst = max(worst, _err(v, ref_state[key]))
@@ -480,3 +480,140 @@ def test_compiled_row_services_equal_eager(opt, rowwise, monkeypatch):
     assert not [k for k in _functional._WARNED if k[0] in ("reprox", "norms")], "fell back"
     assert not [k for k in _functional._BROKEN if k[0] in ("reprox", "norms")], "fell back"
     assert not torch.equal(sd_e["weights"], trained["weights"])  # the new lambda21 acted
+
+
+def _reversed_ids(batches):
+    """The same bags with every id ``i`` of a feature's table replaced by ``rows - 1 - i``: under
+    Zipf ids, mostly rows the first batches never touched."""
+    out = []
+    for indices, offsets, w, target in batches:
+        n_bags = offsets.numel() - 1
+        batch = n_bags // len(REAL_FTM)
+        new = indices.clone()
+        for f, t in enumerate(REAL_FTM):
+            lo, hi = int(offsets[f * batch]), int(offsets[(f + 1) * batch])
+            new[lo:hi] = REAL_TABLES[t].local_rows - 1 - indices[lo:hi]
+        out.append((new, offsets, w, target))
+    return out
+
+
+@pytest.mark.parametrize("opt,rowwise", [("adagrad", True), ("adam", False), ("adam", True),
+                                         ("sgd", False)])
+def test_fixed_support_keeps_zero_rows_and_equals_eager(opt, rowwise):
+    """A refit (``set_fixed_support`` + lambda1 = lambda21 = 0): rows outside the support keep
+    weights (zero), dual and state bit for bit -- the negative control shows that without the
+    fixed support the same steps revive them --, rows first seen during the refit are zero and
+    seen, support rows keep training; the native update == eager; incremental counts == a full
+    scan; ``reapply_prox`` revives nothing."""
+    import copy
+
+    train = _realistic_batches(6)
+    refit = _reversed_ids(_realistic_batches(6, seed=4)) + _realistic_batches(3, seed=5)
+    per_table = {"user": {"lambda21": 1.0}, "item": {"lambda21": 4.0}}
+    engines = [False] + ([None] if native.available() else [])
+    kernels = [GroupTBE(REAL_TABLES, REAL_FTM, pooling="mean", optimizer=opt, rowwise=rowwise,
+                        hyperparameters={**HP[opt], **lambdas_for(opt)}, compiled=c)
+               for c in engines]
+    torch.manual_seed(0)
+    init = torch.empty_like(kernels[0].weights).uniform_(-0.3, 0.3)
+    for k in kernels:
+        k.weights.copy_(init)
+        k.set_table_hyperparameters(per_table)
+        for indices, offsets, w, target in train:
+            (k(indices, offsets, w) * target).sum().backward()
+    eager = kernels[0]
+    before = copy.deepcopy(eager.state_dict())
+    flags = [eager.row_flags(i) for i in range(len(REAL_TABLES))]
+    support = [seen & nz for seen, nz in flags]
+    assert sum(int((s & ~nz).sum()) for s, nz in flags) > 20  # rows were deleted
+    names = [t.name for t in REAL_TABLES]
+    control = copy.deepcopy(eager)
+    for k in kernels + [control]:
+        k.set_table_hyperparameters({n: {"lambda1": 0.0, "lambda21": 0.0} for n in names})
+        k.update_hyper_parameters({"lambda1": 0.0, "lambda21": 0.0})
+    for k in kernels:
+        k.set_fixed_support(names)
+        k.reapply_prox()
+        for indices, offsets, w, target in refit:
+            (k(indices, offsets, w) * target).sum().backward()
+    control.compiled = False
+    for indices, offsets, w, target in refit:
+        (control(indices, offsets, w) * target).sum().backward()
+    after = eager.state_dict()
+    lay = eager.layout
+    for i, (seen0, nz0) in enumerate(flags):
+        seen1, nz1 = eager.row_flags(i)
+        assert torch.equal(seen1 & nz1, support[i]), names[i]  # the support is what it was
+        assert bool(((seen1 & ~seen0) & nz1).sum() == 0)        # newly seen rows are zero
+        out = (seen0 & ~nz0).nonzero().view(-1)                 # deleted rows: bit for bit
+        for key in ("weights", "dual", *eager.state_names):
+            rw = eager.is_rowwise(key) if key in eager.state_names else False
+            a = lay.table_view(before[key], i, rw)[out]
+            b = lay.table_view(after[key], i, rw)[out]
+            assert torch.equal(a, b), (names[i], key)
+    assert bool((seen1 & ~seen0).any())  # the refit batches did see new rows
+    moved = lay.table_view(after["weights"], 0)[support[0]] != lay.table_view(
+        before["weights"], 0)[support[0]]
+    assert bool(moved.any())  # support rows train
+    revived = sum(int((control.row_flags(i)[1] & ~support[i] & flags[i][0]).sum())
+                  for i in range(len(REAL_TABLES)))
+    assert revived > 20  # negative control: lambda21 = 0 alone revives the deleted rows
+    for k in kernels:
+        full = {}
+        for i, t in enumerate(k.tables):
+            seen, nz = k.row_flags(i)
+            full[t.name] = (int(seen.sum()), int((seen & nz).sum()))
+        assert k.feature_counts() == full
+    if len(kernels) == 2:
+        fast = kernels[1]
+        for name, v in after.items():
+            other = fast.state_dict()[name]
+            if v.dtype == torch.uint8 or name == "step":
+                assert torch.equal(v, other), name
+            elif name != "dual":
+                assert _err(other, v) <= 1e-5, name
+        assert fast.feature_counts() == eager.feature_counts()
+
+
+def test_fixed_support_bad_table():
+    k = GroupTBE(TABLES, FTM, optimizer="adam")
+    with pytest.raises(ValueError, match=r"Invalid tables: \['zz'\] not in this kernel"):
+        k.set_fixed_support(["a", "zz"])
+    assert k.fixed_support == frozenset()
+
+
+@pytest.mark.parametrize("opt,rowwise", [("adagrad", True), ("adam", False), ("amsgrad", True)])
+@pytest.mark.parametrize("engine", ENGINES)
+def test_fixed_support_equals_the_dense_optimizer(opt, rowwise, engine):
+    """Two front ends of ``support_rows``: the fused kernel with ``set_fixed_support`` == the
+    torch.optim Group optimizer with ``fixed_support=True`` on nn.EmbeddingBag tables with
+    sparse gradients -- 12 regularised steps over part of the ids, the prox re-applied with the
+    penalties off, then 12 refit steps over all ids (first-seen rows included)."""
+    kernel, ref, ref_opt = _pair(opt, rowwise, lambdas_for(opt), "sum",
+                                 compiled=engine == "native")
+    ref_opt.param_groups[0]["track_seen"] = True
+    gen = torch.Generator().manual_seed(1)
+
+    def steps(n, vocab):
+        for _ in range(n):
+            indices, offsets, w = make_batch(gen, vocab, batch=4)
+            target = torch.randn(4, sum(TABLES[t].local_cols for t in FTM), generator=gen)
+            (kernel(indices, offsets, w) * target).sum().backward()
+            ref_opt.zero_grad()
+            (ref(indices, offsets, w) * target).sum().backward()
+            ref_opt.step()
+
+    steps(12, [v - 3 for v in VOCAB])
+    zero_before = sum(int((w == 0).all(1).sum()) for w in kernel.split_embedding_weights())
+    assert zero_before > 0
+    kernel.update_hyper_parameters({"lambda1": 0.0, "lambda21": 0.0})
+    kernel.set_fixed_support([t.name for t in TABLES])
+    ref_opt.param_groups[0].update(lambda1=0.0, lambda21=0.0, fixed_support=True)
+    kernel.reapply_prox()
+    ref_opt.reapply_prox()
+    steps(12, VOCAB)
+    _compare(kernel, ref, ref_opt, tol=1e-6 if engine == "eager" else 2e-6)
+    for i, t in enumerate(ref.tables):
+        assert torch.equal(kernel.row_flags(i)[0], ref_opt.row_flags(t.weight)[0])
+    zero_after = sum(int((w == 0).all(1).sum()) for w in kernel.split_embedding_weights())
+    assert zero_after >= zero_before  # first-seen rows joined the zero rows

@@ -58,6 +58,7 @@ enum Col : int64_t {
   CLR,          // Adagrad's lr / (1 + (t - 1) lr_decay)
   SIGMA_CONST,  // SGD: sqrt(t) / lr, Momentum: 1 / lr
   THRESH,       // sqrt(group width) * lambda21
+  FIXED,        // 1: the table's support is fixed (a refit), else 0
   NCOL
 };
 
@@ -197,6 +198,7 @@ void update_rows(Work<T>& w, int64_t t, int64_t u0, int64_t u1) {
   const T bc2s = static_cast<T>(h[BC2S]), clr = static_cast<T>(h[CLR]);
   const T sigma_const = static_cast<T>(h[SIGMA_CONST]), thresh = static_cast<T>(h[THRESH]);
   const T inv_d = T(1) / static_cast<T>(D);
+  const bool fixed = h[FIXED] != 0;
   constexpr int CAP = DW ? DW : 1;
   T xs[CAP], ds[CAP], sgs[CAP], ss[CAP], ns[NS > 0 ? NS : 1][CAP];
   T* xn = DW ? xs : w.scratch;
@@ -214,6 +216,17 @@ void update_rows(Work<T>& w, int64_t t, int64_t u0, int64_t u1) {
     T* __restrict x = w.W + e;
     T* __restrict d = w.Du + e;
     const T* __restrict g = w.gsum + w.gpos[u];
+    if (fixed) {  // the support is fixed (a refit): support_rows of optim/_functional.py
+      if (w.seen[r] == 0) {  // first seen now: outside the support, zero (as it is served)
+        for (int64_t j = 0; j < D; ++j) x[j] = T(0);
+        w.seen[r] = 1;
+        w.counts[2 * t] += 1;
+        continue;
+      }
+      uint32_t nz = 0;
+      for (int64_t j = 0; j < D; ++j) nz |= static_cast<uint32_t>(x[j] != 0);
+      if (!nz) continue;  // a zero row stays zero and keeps its state
+    }
     T* s[3] = {nullptr, nullptr, nullptr};
     for (int k = 0; k < NS; ++k) s[k] = w.S[k] + ((RW && state_rowwise(R, k)) ? r : e);
     // --- the row-wise second moment: the row mean of (w * g) * g

@@ -27,7 +27,7 @@ RULE_IDS = {"sgd": 0, "momentum": 1, "adagrad": 2, "adam": 3, "amsgrad": 4}
 #: columns of the per-table hyperparameter matrix (``enum Col`` in group_tbe.cpp)
 HP_COLUMNS = ("lr", "lambda1", "lambda21", "lambda2_x2", "lambda2", "eps", "beta1",
               "one_minus_beta1", "beta2", "one_minus_beta2", "momentum", "bias_correction1",
-              "bias_correction2_sqrt", "clr", "sigma_const", "threshold")
+              "bias_correction2_sqrt", "clr", "sigma_const", "threshold", "fixed_support")
 
 
 @functools.cache
@@ -71,19 +71,22 @@ class HpMatrix:
 
     _STEP_COLS = ("bias_correction1", "bias_correction2_sqrt", "clr", "sigma_const")
 
-    def __init__(self, optimizer: str, table_hp: list[dict], widths: list[int]):
+    def __init__(self, optimizer: str, table_hp: list[dict], widths: list[int],
+                 fixed: list[bool] | None = None):
         self.rule = get_rule(optimizer)
         self.tensor = torch.zeros(len(table_hp), len(HP_COLUMNS), dtype=torch.float64)
         self.array = self.tensor  # filled in place
         self.step = None
         groups: dict[tuple, list[int]] = {}
         self.hps = []
+        fixed = fixed or [False] * len(table_hp)
         for t, (hp, width) in enumerate(zip(table_hp, widths)):
             betas = hp.get("betas", (0.0, 0.0))
             self.array[t] = torch.tensor((
                 hp["lr"], hp["lambda1"], hp["lambda21"], 2.0 * hp["lambda2"], hp["lambda2"],
                 hp.get("eps", 0.0), betas[0], 1.0 - betas[0], betas[1], 1.0 - betas[1],
-                hp.get("momentum", 0.0), 1.0, 1.0, hp["lr"], 0.0, width ** 0.5 * hp["lambda21"]),
+                hp.get("momentum", 0.0), 1.0, 1.0, hp["lr"], 0.0, width ** 0.5 * hp["lambda21"],
+                float(fixed[t])),
                 dtype=torch.float64)
             key = tuple((k, v) for k, v in sorted(hp.items()) if k not in ("lambda21",))
             if key not in groups:
@@ -109,9 +112,11 @@ class HpMatrix:
         return self.tensor
 
 
-def hp_matrix(optimizer: str, table_hp: list[dict], widths: list[int], step: float) -> torch.Tensor:
-    """``[T, len(HP_COLUMNS)]`` float64: every scalar of table ``t``'s row step at ``step``."""
-    return HpMatrix(optimizer, table_hp, widths).at(step).clone()
+def hp_matrix(optimizer: str, table_hp: list[dict], widths: list[int], step: float,
+              fixed: list[bool] | None = None) -> torch.Tensor:
+    """``[T, len(HP_COLUMNS)]`` float64: every scalar of table ``t``'s row step at ``step``
+    (``fixed``: per table, whether its support is fixed, see ``GroupTBE.set_fixed_support``)."""
+    return HpMatrix(optimizer, table_hp, widths, fixed).at(step).clone()
 
 
 def backward(grad_out, indices, offsets, per_sample_weights, feature_table, feature_col,

@@ -22,7 +22,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor
 
-from lightning_sgl.optim.functional import reprox_rows_, row_group_norms
+from lightning_sgl.optim.functional import reprox_rows_, row_group_norms, support_rows
 
 from .layout import Segment, TableLayout
 
@@ -186,10 +186,12 @@ def reducer(kernel, seg: Segment, tables: Tensor) -> ColumnReducer | None:
 
 @torch.no_grad()
 def reapply_prox(kernel) -> None:
-    """The proximal step with the current hyperparameters on every seen row; counts updated
-    from the rows' before/after state. O(S); collective for column-sharded tables."""
+    """The proximal step with the current hyperparameters on every seen row -- of a table with a
+    fixed support, on its support rows only (``support_rows``) -- counts updated from the rows'
+    before/after state. O(S); collective for column-sharded tables."""
     step = max(float(kernel.step.item()), 1.0)
     hp = kernel.current_hyperparameters()
+    fixed_tables = kernel.fixed_table_mask()
     kernel.feature_counts_state.begin()
     for seg in kernel.layout.segments:
         rows, tables = seen_rows(kernel, seg)
@@ -198,6 +200,10 @@ def reapply_prox(kernel) -> None:
         was_nz = x.index_select(0, rows).ne(0).any(dim=1)
         if red is not None:
             was_nz = red.any(was_nz)
+        if fixed_tables is not None and bool(fixed_tables[tables].any()):
+            keep = ~fixed_tables[tables] | support_rows(was_nz.unsqueeze(1))
+            rows, tables, was_nz = rows[keep], tables[keep], was_nz[keep]
+            red = reducer(kernel, seg, tables)
         refused = reprox_rows_(x, dual, states, rows, rule=kernel.rule, step=step,
                                hp=kernel.row_hyperparameters(hp, tables), exact=kernel.exact,
                                group_size=None if red is None else red.group_size,

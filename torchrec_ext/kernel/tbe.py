@@ -117,6 +117,8 @@ class GroupTBE(nn.Module):
         self.column_owners: dict[str, int] = {}
         #: per-table overrides of ``OVERRIDABLE`` hyperparameters (e.g. a tuned lambda21)
         self.table_overrides: dict[str, dict[str, float]] = {}
+        #: tables whose support is fixed (a refit; see ``set_fixed_support``)
+        self.fixed_support: frozenset[str] = frozenset()
 
         n_elem, n_rows = self.layout.num_elements, self.layout.num_rows
         self.register_buffer("weights", native.table_buffer(n_elem, dtype, device))
@@ -162,12 +164,13 @@ class GroupTBE(nn.Module):
     def native_hp(self, hp: dict) -> native.HpMatrix:
         """The native update's hyperparameter matrix for ``hp`` and the current overrides
         (rebuilt only when one of them changed)."""
-        key = (id(hp), repr(self.table_overrides))
+        key = (id(hp), repr(self.table_overrides), self.fixed_support)
         ent = self._cache.get("hp_matrix")
         if ent is None or ent[0] != key or ent[2] is not hp:
             ent = self._cache["hp_matrix"] = (key, native.HpMatrix(
                 self.optimizer, self.table_hyperparameter_list(hp),
-                [t.local_cols for t in self.tables]), hp)
+                [t.local_cols for t in self.tables],
+                [t.name in self.fixed_support for t in self.tables]), hp)
         return ent[1]
 
     def native_static(self) -> dict:
@@ -253,6 +256,31 @@ class GroupTBE(nn.Module):
             validate_hyperparameters(self.optimizer, {**hp, **merged})
             new[table] = merged
         self.table_overrides = {k: v for k, v in new.items() if v}
+
+    def set_fixed_support(self, tables) -> None:
+        """Fix the support of these tables (by name; an empty iterable: none) -- the refit of a
+        *relaxed* group lasso. While a table's support is fixed, a touched row trains only if
+        it is seen and non-zero (:func:`lightning_sgl.optim.functional.support_rows`): a zero
+        row keeps its values and state (at ``lambda21 = 0`` its dual would revive it), a row
+        seen for the first time is set to zero and marked seen, and :meth:`reapply_prox` skips
+        zero rows. The penalties are not changed here (a refit also sets ``lambda1`` and
+        ``lambda21`` to 0, see ``SparsityMonitor(refit_share=...)``). Validated first: on error
+        nothing changes. O(tables); the update's cost is unchanged (one more pass over the
+        touched row, in registers)."""
+        new = frozenset(tables or ())
+        names = {t.name for t in self.tables}
+        unknown = sorted(new - names)
+        if unknown:
+            raise ValueError(f"Invalid tables: {unknown} not in this kernel (valid: "
+                             f"{sorted(names)})")
+        self.fixed_support = new
+
+    def fixed_table_mask(self, device=None) -> Tensor | None:
+        """Per local table: whether its support is fixed (``None`` when no table's is)."""
+        if not self.fixed_support:
+            return None
+        return torch.tensor([t.name in self.fixed_support for t in self.tables],
+                            dtype=torch.bool, device=device or self.weights.device)
 
     def table_hyperparameter_list(self, hp: dict) -> list[dict]:
         """Per local table: the hyperparameters its rows use."""

@@ -35,7 +35,7 @@ except ImportError:  # pragma: no cover - exercised by the torch-only import tes
 import torch
 from torch import Tensor
 
-from lightning_sgl.optim.functional import NonFiniteGradientError, accumulate_rows_
+from lightning_sgl.optim.functional import NonFiniteGradientError, accumulate_rows_, support_rows
 
 from . import native
 from .plan import LookupPlan, bag_scale
@@ -198,6 +198,34 @@ def _check_inputs(kernel, work: list) -> list:
     return result
 
 
+def _fix_support(kernel, seg, red, item: list, fixed_tables: Tensor, was_seen: Tensor,
+                 nz_before: Tensor) -> tuple:
+    """Rows of fixed-support tables outside the support leave the update (``support_rows``);
+    those seen for the first time are set to zero and marked seen (counts updated). Returns the
+    restricted ``(item, was_seen, nz_before, reducer)``. O(U x d)."""
+    seg_, uniq, inv, g_index, tables = item
+    fixed = fixed_tables[tables]
+    if not bool(fixed.any()):
+        return item, was_seen, nz_before, red
+    nz = nz_before if red is None else red.any(nz_before)  # a row is zero on every shard
+    keep = ~fixed | support_rows(nz.unsqueeze(1), was_seen)
+    new = fixed & ~was_seen
+    if bool(new.any()):
+        x, _, seen, *_ = kernel.update_views(seg)
+        x.index_fill_(0, uniq[new], 0.0)
+        seen.index_fill_(0, uniq[new], 1)
+        none = torch.zeros_like(new)
+        kernel.feature_counts_state.add(table_deltas(len(kernel.layout.tables), tables, new,
+                                                     none, none, none))
+    pos = torch.cumsum(keep.long(), 0) - 1
+    sel = keep.index_select(0, inv)
+    item = [seg_, uniq[keep], pos.index_select(0, inv[sel]), g_index[sel], tables[keep]]
+    if red is not None:
+        red = ColumnReducer(kernel.layout, seg, item[4], kernel.column_groups,
+                            kernel.weights.dtype)
+    return item, was_seen[keep], nz_before[keep], red
+
+
 @torch.no_grad()
 def eager_update(kernel, plan: LookupPlan, grad_out: Tensor,
                  per_sample_weights: Tensor | None, compiled: bool) -> Tensor | None:
@@ -210,13 +238,19 @@ def eager_update(kernel, plan: LookupPlan, grad_out: Tensor,
     n_tables = len(layout.tables)
     kernel.feature_counts_state.begin()
     refused_rows, refused_tables = 0, set()
-    for seg, uniq, inv, g_index, tables in work:
+    fixed_tables = kernel.fixed_table_mask()
+    for item in work:
+        seg, uniq, inv, g_index, tables = item
         red = None
         if seg.column_tables:
             red = ColumnReducer(layout, seg, tables, kernel.column_groups, kernel.weights.dtype)
         x, dual, seen, *states = kernel.update_views(seg)
         was_seen = seen.index_select(0, uniq).bool()
         flags_before = x.index_select(0, uniq).ne(0).any(dim=1)
+        if fixed_tables is not None:
+            item, was_seen, flags_before, red = _fix_support(kernel, seg, red, item, fixed_tables,
+                                                             was_seen, flags_before)
+            seg, uniq, inv, g_index, tables = item
         seg_hp = kernel.row_hyperparameters(hp, tables)
         refused = accumulate_rows_(
             x, uniq, inv, g_index, dual, states, seen, step=step, hp=seg_hp,
