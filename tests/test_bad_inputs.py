@@ -433,6 +433,24 @@ CASES = [
          r"linear\)", _callback("SparsityMonitor", 0.2, schedule_share=0.5, schedule="exp")),
     Case("monitor-schedule-no-target", ValueError, r"Invalid schedule_share: a schedule needs "
          "target_feature_rate", _callback("SparsityMonitor", None, schedule_share=0.5)),
+    Case("monitor-refit-share-one", ValueError, r"Invalid refit_share: 1.0 \(valid range: "
+         r"0 <= share < 1\)", _callback("SparsityMonitor", 0.2, refit_share=1.0)),
+    Case("monitor-refit-share-negative", ValueError, r"Invalid refit_share: -0.2",
+         _callback("SparsityMonitor", 0.2, refit_share=-0.2)),
+    Case("monitor-refit-share-bool", ValueError, r"Invalid refit_share: True",
+         _callback("SparsityMonitor", 0.2, refit_share=True)),
+    Case("monitor-refit-no-target", ValueError, r"Invalid refit_share: a refit needs "
+         "target_feature_rate", _callback("SparsityMonitor", None, refit_share=0.2)),
+    Case("monitor-refit-overlaps-ramp", ValueError, r"Invalid refit_share: 0.5 with "
+         r"schedule_start 0.3 and schedule_share 0.4 \(the ramp must end before the refit",
+         _callback("SparsityMonitor", 0.2, schedule_start=0.3, schedule_share=0.4,
+                   refit_share=0.5)),
+    Case("monitor-refit-relax", ValueError, r"Invalid refit_relax: 1.5 \(valid range: "
+         r"0 <= relax <= 1\)", _callback("SparsityMonitor", 0.2, refit_relax=1.5)),
+    Case("monitor-schedule-start-one", ValueError, r"Invalid schedule_start: 1.0 \(valid range",
+         _callback("SparsityMonitor", 0.2, schedule_start=1.0, schedule_share=0.1)),
+    Case("monitor-schedule-start-no-ramp", ValueError, r"Invalid schedule_start: a start needs "
+         r"a ramp", _callback("SparsityMonitor", 0.2, schedule_start=0.5)),
     Case("monitor-bytes-and-rate", ValueError, r"Invalid target_bytes: give target_bytes or "
          "target_feature_rate, not both", _callback("SparsityMonitor", 0.2, target_bytes=10_000)),
     Case("monitor-bytes-zero", ValueError, r"Invalid target_bytes\['t0'\]: 0 \(a positive",

@@ -6,7 +6,9 @@ from :func:`~lightning_sgl.group_optimizers`). Both give, per table:
 
 - ``counts()``: exact ``(rows seen, seen rows non-zero)`` over all ranks (collective);
 - ``norms()``: local shrink norms of seen rows (each row on one rank) and the group width;
-- ``set_lambda21(values)`` / ``lambda21()`` and ``reapply()`` (re-run the prox on seen rows).
+- ``set_lambda21(values)`` / ``lambda21()`` and ``reapply()`` (re-run the prox on seen rows);
+- ``fix_support()``: the refit -- the support fixed, ``lambda1 = lambda21 = 0`` (O(tables));
+  ``scale_dual(f)``: the stored duals times ``f`` (O(rows held), once per refit).
 """
 
 from __future__ import annotations
@@ -59,6 +61,17 @@ class TorchRecTables:
         for k in self.kernels:
             k.reapply_prox()
 
+    def fix_support(self) -> None:
+        for k in self.kernels:
+            names = [t.name for t in k.tables]
+            k.set_table_hyperparameters({t: {"lambda1": 0.0, "lambda21": 0.0} for t in names})
+            k.set_fixed_support(names)
+
+    def scale_dual(self, factor: float) -> None:
+        for k in self.kernels:
+            for st in k.get_optimizer_state():
+                st["dual"].mul_(factor)
+
     def weight_norms(self) -> dict[str, Tensor]:
         return self._fr.seen_row_weight_norms(self.module)
 
@@ -107,6 +120,17 @@ class DenseTables:
 
     def reapply(self) -> None:
         self.opt.reapply_prox()
+
+    def fix_support(self) -> None:
+        for p in self.params.values():
+            self._group(p).update(lambda1=0.0, lambda21=0.0, fixed_support=True)
+
+    @torch.no_grad()
+    def scale_dual(self, factor: float) -> None:
+        for p in self.params.values():
+            st = self.opt.state.get(p)
+            if st and "dual" in st:
+                st["dual"].mul_(factor)
 
     def weight_norms(self) -> dict[str, Tensor]:
         return {name: self._once(p.detach()[self.opt.row_flags(p)[0]].norm(dim=1))

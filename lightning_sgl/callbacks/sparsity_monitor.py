@@ -16,10 +16,27 @@ tuning.
 
 Schedule. With ``schedule_share > 0`` the target is not forced from the first tuning, when the
 norms are still noise: it ramps from 1.0 to the final target over that share of the training
-steps, ``target_t = target + (1 - target) (1 - t / T_ramp)^3`` (the cubic schedule of gradual
+steps, starting after ``schedule_start`` of them, ``target_t = target + (1 - target) (1 - (t -
+t_0) / T_ramp)^3`` (the cubic schedule of gradual
 pruning, Zhu & Gupta 2017, "To prune, or not to prune", arXiv:1710.01878), and holds after it.
 ``T`` is the trainer's ``estimated_stepping_batches``, fixed at the first ``on_train_start`` and
 saved, so a resumed run follows the same curve.
+
+Refit. With ``refit_share > 0`` training ends as a *relaxed* group lasso: for the last
+``refit_share`` of the training steps the support is fixed -- one last tuning meets the final
+target, then every table trains with ``lambda1 = lambda21 = 0`` and only its non-zero rows move
+(:func:`lightning_sgl.optim.functional.support_rows`: a zero row keeps its values and state, a row
+first seen during the refit stays zero, so the rate can only fall a little) -- and the kept rows
+get back ``refit_relax`` of the shrinkage the selection needed (their duals, which hold what the
+penalty shrank away, are scaled by it once: O(rows held), once per training; each row takes it
+with its next step), as magnitude pruning's survivors are fine-tuned unshrunk. No tuning runs
+after it. The start step is fixed at the first ``on_train_start`` and saved, with whether the
+refit began, so a resumed run refits the same steps.
+
+Defaults. A monitor with a target and no schedule or refit argument uses
+:data:`DEFAULT_SCHEDULE`: target 1.0 (every row kept) for the first 60% of the steps, the cubic
+ramp over the next 20%, the refit over the last 20%; ``schedule_share=0, refit_share=0`` is the
+paper's setting. Measured (docs/results.md, 5 seeds): ...
 
 Memory budget. ``target_bytes`` (overall, or ``{table: bytes}``) sets the targets from the size
 of the serving export (:func:`torchrec_ext.serving.export_serving` in ``serve_dtype``: kept rows
@@ -50,6 +67,7 @@ from ._tables import allreduce_cpu, tables_of
 
 __all__ = ["SparsityMonitor", "bisect_threshold", "feature_rates", "global_threshold",
            "table_thresholds", "model_feature_rate", "scheduled_rate", "SCHEDULES",
+           "DEFAULT_SCHEDULE", "resolve_schedule",
            "budget_keeps"]
 
 #: points of ``SparsityMonitor.history`` kept at most (older points are thinned, see ``_record``)
@@ -93,15 +111,39 @@ def budget_keeps(budget: int | dict[str, int], seen: dict[str, int],
     return {t: math.floor(lo * n) for t, n in seen.items()}
 
 
-def scheduled_rate(target: float, step: int, ramp_steps: int, schedule: str = "cubic") -> float:
-    """The target rate at ``step`` of a ramp from 1.0 to ``target`` over ``ramp_steps`` steps
-    (``target`` from then on; ``ramp_steps=0``: ``target`` at once).
+#: the schedule and refit a monitor with a target uses unless told otherwise (see
+#: :func:`resolve_schedule`; the figures behind the choice: docs/results.md)
+DEFAULT_SCHEDULE = {"schedule_start": 0.6, "schedule_share": 0.2, "refit_share": 0.2}
 
-    ``cubic``: ``target + (1 - target) (1 - step / ramp_steps)^3`` (Zhu & Gupta, 2017);
-    ``linear``: ``target + (1 - target) (1 - step / ramp_steps)``. O(1)."""
+
+def resolve_schedule(schedule_start, schedule_share, refit_share, has_target: bool
+                     ) -> tuple[float, float, float]:
+    """The ``(schedule_start, schedule_share, refit_share)`` a monitor uses: the values given;
+    when none of them is given, :data:`DEFAULT_SCHEDULE` if the monitor has a target (else all
+    0). Given some, the ones left out are 0 (the defaults apply as a set). O(1)."""
+    given = (schedule_start, schedule_share, refit_share)
+    if all(v is None for v in given):
+        if not has_target:
+            return 0.0, 0.0, 0.0
+        return (DEFAULT_SCHEDULE["schedule_start"], DEFAULT_SCHEDULE["schedule_share"],
+                DEFAULT_SCHEDULE["refit_share"])
+    return tuple(0.0 if v is None else v for v in given)
+
+
+def scheduled_rate(target: float, step: int, ramp_steps: int, schedule: str = "cubic",
+                   start: int = 0) -> float:
+    """The target rate at ``step`` of a ramp from 1.0 to ``target`` over ``ramp_steps`` steps
+    that begins at step ``start`` (1.0 before it, ``target`` after it; ``ramp_steps=0``:
+    ``target`` from ``start`` on).
+
+    ``cubic``: ``target + (1 - target) (1 - (step - start) / ramp_steps)^3`` (Zhu & Gupta,
+    2017); ``linear``: ``target + (1 - target) (1 - (step - start) / ramp_steps)``. O(1)."""
+    if step < start:
+        return 1.0
+    step -= start
     if ramp_steps <= 0 or step >= ramp_steps:
         return target
-    left = 1.0 - max(step, 0) / ramp_steps
+    left = 1.0 - step / ramp_steps
     return target + (1.0 - target) * (left ** 3 if schedule == "cubic" else left)
 
 
@@ -206,6 +248,23 @@ class SparsityMonitor(Callback):
             from 1.0 to ``target_feature_rate`` (0: the target from the first tuning, as in the
             paper).
         schedule: the ramp's shape, ``"cubic"`` (gradual pruning's) or ``"linear"``.
+        schedule_start: share of the training steps, in [0, 1), before the ramp begins (the
+            target is 1.0 until then: the tables train almost unpenalised, as after gradual
+            pruning's start step ``t0``).
+        refit_share: share of the training steps, in [0, 1), at the end of training in which
+            the selected rows are refit with the support fixed and ``lambda1 = lambda21 = 0``
+            (0: no refit, as in the paper). ``schedule_start + schedule_share + refit_share``
+            must not exceed 1.
+        refit_relax: the share, in [0, 1], of the shrinkage the refit gives back to the kept
+            rows: their stored duals (which hold what the penalties shrank away) are scaled by
+            it once when the refit begins, and a row takes the restored part with its next
+            step. 1: the relaxed lasso's unshrunk values; 0: training continues from the shrunk
+            values. Default 0.5 (docs/results.md: the best of 0 / 0.5 / 1 on both data sets).
+
+            Defaults of these three: with a target and none of them given,
+            :data:`DEFAULT_SCHEDULE` (start 0.6, ramp 0.2, refit 0.2: the best of the measured
+            settings on both data sets of docs/results.md); given some, the others are 0; the
+            paper's setting is ``schedule_share=0, refit_share=0``.
         target_bytes: instead of ``target_feature_rate``, a budget in bytes of the serving
             export, overall (an int) or ``{table: bytes}`` (TorchRec tables only).
         serve_dtype: the data type the budget is for: ``"fp32"``, ``"fp16"``, ``"int8"`` or
@@ -213,13 +272,16 @@ class SparsityMonitor(Callback):
         plot: write ``sparsity_monitor.png`` (feature rate and lambda21 over steps) at fit end.
 
     Logs ``feature_rate`` (progress bar), ``feature_rate/<table>``, ``rows_seen/<table>``,
-    ``rows_nonzero/<table>`` and ``lambda21/<table>``.
+    ``rows_nonzero/<table>`` and ``lambda21/<table>`` (the tuned value; during a refit the
+    tables train with 0).
     """
 
     def __init__(self, target_feature_rate: float | dict[str, float] | None = None, *,
                  log_every_n_steps: int | None = None, tune_every_n_steps: int = 10,
-                 warmup_steps: int = 0, schedule_share: float = 0.0,
-                 schedule: str = "cubic", target_bytes: int | dict[str, int] | None = None,
+                 warmup_steps: int = 0, schedule_share: float | None = None,
+                 schedule: str = "cubic", schedule_start: float | None = None,
+                 refit_share: float | None = None, refit_relax: float = 0.5,
+                 target_bytes: int | dict[str, int] | None = None,
                  serve_dtype: str = "fp32", plot: bool = True) -> None:
         self._validate_target(target_feature_rate)
         if target_bytes is not None:
@@ -234,10 +296,35 @@ class SparsityMonitor(Callback):
         if serve_dtype not in SERVE_DTYPES:
             raise ValueError(f"Invalid serve_dtype: {serve_dtype!r} (valid options: "
                              f"{', '.join(SERVE_DTYPES)})")
+        schedule_start, schedule_share, refit_share = resolve_schedule(
+            schedule_start, schedule_share, refit_share,
+            target_feature_rate is not None or target_bytes is not None)
         if (isinstance(schedule_share, bool) or not isinstance(schedule_share, (int, float))
                 or not 0.0 <= schedule_share < 1.0):
             raise ValueError(f"Invalid schedule_share: {schedule_share!r} (valid range: "
                              "0 <= share < 1)")
+        if (isinstance(schedule_start, bool) or not isinstance(schedule_start, (int, float))
+                or not 0.0 <= schedule_start < 1.0):
+            raise ValueError(f"Invalid schedule_start: {schedule_start!r} (valid range: "
+                             "0 <= share < 1)")
+        if (isinstance(refit_share, bool) or not isinstance(refit_share, (int, float))
+                or not 0.0 <= refit_share < 1.0):
+            raise ValueError(f"Invalid refit_share: {refit_share!r} (valid range: "
+                             "0 <= share < 1)")
+        if refit_share and target_feature_rate is None and target_bytes is None:
+            raise ValueError("Invalid refit_share: a refit needs target_feature_rate or "
+                             "target_bytes")
+        if (isinstance(refit_relax, bool) or not isinstance(refit_relax, (int, float))
+                or not 0.0 <= refit_relax <= 1.0):
+            raise ValueError(f"Invalid refit_relax: {refit_relax!r} (valid range: "
+                             "0 <= relax <= 1)")
+        if schedule_start and not schedule_share:
+            raise ValueError("Invalid schedule_start: a start needs a ramp (schedule_share > 0)")
+        if refit_share and schedule_start + schedule_share + refit_share > 1.0 + 1e-9:
+            raise ValueError(f"Invalid refit_share: {refit_share!r} with schedule_start "
+                             f"{schedule_start!r} and schedule_share {schedule_share!r} (the "
+                             "ramp must end before the refit: schedule_start + schedule_share + "
+                             "refit_share <= 1)")
         if schedule not in SCHEDULES:
             raise ValueError(f"Invalid schedule: {schedule!r} (valid options: "
                              f"{', '.join(SCHEDULES)})")
@@ -260,6 +347,15 @@ class SparsityMonitor(Callback):
         self.schedule_share, self.schedule = float(schedule_share), schedule
         #: steps of the ramp (fixed at the first train start, saved for resume)
         self.ramp_steps: int | None = None
+        self.schedule_start = float(schedule_start)
+        #: first step of the ramp (fixed with ``ramp_steps``, saved)
+        self.ramp_start = 0
+        self.refit_share = float(refit_share)
+        self.refit_relax = float(refit_relax)
+        #: first step of the refit (``None``: none; fixed at the first train start, saved)
+        self.refit_start: int | None = None
+        #: whether the refit began (the support is fixed; saved for resume)
+        self.refitting = False
         self.lambda21: dict[str, float] = {}
         #: (step, rate, mean lambda21), at most HISTORY_POINTS points (see ``_record``)
         self.history: list[tuple[int, float, float]] = []
@@ -311,17 +407,24 @@ class SparsityMonitor(Callback):
                                  f"(valid: {self._tables.names})")
         if self.target_bytes is not None:
             self._check_budget()
+        needs = ((self.ramp_steps is None and self.schedule_share)
+                 or (self.refit_start is None and self.refit_share))
+        total = trainer.estimated_stepping_batches if needs else 0
+        if not math.isfinite(total):
+            arg = "schedule_share" if self.schedule_share else "refit_share"
+            raise ValueError(f"Invalid {arg}: the number of training steps is not known (an "
+                             "iterable data set without a length: set Trainer(max_steps=...))")
         if self.lambda21:  # resumed: the tuned values are ours to restore
             self._tables.set_lambda21(self.lambda21)
         else:
             self.lambda21 = self._tables.lambda21()
         if self.ramp_steps is None:  # not resumed: the ramp follows this fit's length
-            total = trainer.estimated_stepping_batches if self.schedule_share else 0
-            if not math.isfinite(total):
-                raise ValueError("Invalid schedule_share: the number of training steps is not "
-                                 "known (an iterable data set without a length: set "
-                                 "Trainer(max_steps=...))")
             self.ramp_steps = int(self.schedule_share * total)
+            self.ramp_start = int(self.schedule_start * total)
+        if self.refit_start is None and self.refit_share:  # likewise the refit
+            self.refit_start = int(total) - int(self.refit_share * total)
+        if self.refitting:  # resumed inside the refit: fix the support again (no re-application)
+            self._tables.fix_support()
 
     def _cost(self):
         from torchrec_ext.serving import served_table_bytes
@@ -361,14 +464,14 @@ class SparsityMonitor(Callback):
             final = {t: (keeps[t] / seen[t] if seen[t] else 1.0) for t in seen}
             if not self.ramp_steps:
                 return final
-            return {t: scheduled_rate(v, step, self.ramp_steps, self.schedule)
+            return {t: scheduled_rate(v, step, self.ramp_steps, self.schedule, self.ramp_start)
                     for t, v in final.items()}
         if self.target is None or not self.ramp_steps:
             return self.target
         if isinstance(self.target, dict):
-            return {k: scheduled_rate(v, step, self.ramp_steps, self.schedule)
+            return {k: scheduled_rate(v, step, self.ramp_steps, self.schedule, self.ramp_start)
                     for k, v in self.target.items()}
-        return scheduled_rate(self.target, step, self.ramp_steps, self.schedule)
+        return scheduled_rate(self.target, step, self.ramp_steps, self.schedule, self.ramp_start)
 
     # ------------------------------------------------------------------ tuning
     def _tune(self, step: int) -> None:
@@ -377,12 +480,21 @@ class SparsityMonitor(Callback):
         Cost per rank: the shrink norms of the seen rows (O(rows seen x dim)), two bucketing
         passes over them and the prox re-application (O(rows seen x dim)); collectives: the
         counts (1 all-reduce) and the thresholds (5 all-reduces, all tables together), plus one
-        norm all-reduce per column-sharded table. ``last_tuning`` records the figures."""
+        norm all-reduce per column-sharded table. ``last_tuning`` records the figures.
+
+        Skipped in O(tables) (the counts' all-reduce only) while the target keeps every seen row
+        (1.0: before the ramp, or a budget that holds every row), every seen row is non-zero
+        and every ``lambda21`` is already at the floor the search would return: the search and
+        the re-application would change nothing."""
         tables = self._tables
         coll = Collectives(_allreduce)
         counts = tables.counts()
-        scaled = {k: (v, math.sqrt(d)) for k, (v, d) in tables.norms().items()}
         target = self.current_target(step, counts)
+        if self._keeps_everything(target, counts):
+            self.last_tuning = {"threshold_collectives": 0, "skipped": 1,
+                                "rows_seen": sum(s for s, _ in counts.values())}
+            return
+        scaled = {k: (v, math.sqrt(d)) for k, (v, d) in tables.norms().items()}
         if isinstance(target, dict):
             # the floor of an exact budget share stays in the budget; rates round to nearest
             rnd = math.floor if self.target_bytes is not None else round
@@ -397,6 +509,14 @@ class SparsityMonitor(Callback):
         self.lambda21 = tables.lambda21()
         self.last_tuning = {"threshold_collectives": coll.count,
                             "rows_seen": sum(s for s, _ in counts.values())}
+
+    def _keeps_everything(self, target, counts: dict[str, tuple[int, int]]) -> bool:
+        """Whether a tuning now would keep every seen row with the lambda21 already set."""
+        rates = target.values() if isinstance(target, dict) else [target]
+        covered = not isinstance(target, dict) or set(counts) <= set(target)
+        return (covered and all(r >= 1.0 for r in rates)
+                and all(nz == seen for seen, nz in counts.values())
+                and bool(self.lambda21) and all(v <= FLOOR for v in self.lambda21.values()))
 
     # ------------------------------------------------------------------ hooks
     def _log(self, pl_module: pl.LightningModule, step: int, on_epoch: bool) -> None:
@@ -429,10 +549,25 @@ class SparsityMonitor(Callback):
             self.history = self.history[::2]
             self.history_stride *= 2
 
+    def _start_refit(self, step: int) -> None:
+        """One last tuning on the final target, then the support fixed, the penalties off and
+        the duals scaled by ``refit_relax`` (O(rows held), once per training)."""
+        self._tune(step)
+        self._tables.fix_support()
+        self._tables.scale_dual(self.refit_relax)
+        self.refitting = True
+        rate, _ = feature_rates(self._tables.counts())
+        rank_zero_info(f"SparsityMonitor: step {step}: refit with the support fixed, feature "
+                       f"rate {rate:.4f}")
+
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if (self._tunes and step > self.warmup_steps
+        if self.refitting:
+            pass  # the support is fixed: no tuning
+        elif self.refit_start is not None and step >= self.refit_start:
+            self._start_refit(step)
+        elif (self._tunes and step > self.warmup_steps
                 and step % self.tune_every_n_steps == 0):
             self._tune(step)
         every = self.log_every_n_steps or trainer.log_every_n_steps
@@ -440,7 +575,7 @@ class SparsityMonitor(Callback):
             self._log(pl_module, step, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._tunes and trainer.global_step > self.warmup_steps:
+        if self._tunes and trainer.global_step > self.warmup_steps and not self.refitting:
             self._tune(trainer.global_step)  # end every epoch on target (the rate drifts a little between tunings)
         self._log(pl_module, trainer.global_step, on_epoch=True)
         rate, per = feature_rates(self._tables.counts())
@@ -484,8 +619,12 @@ class SparsityMonitor(Callback):
         return {"lambda21": dict(self.lambda21), "history": list(self.history),
                 "history_stride": self.history_stride, "history_seen": self._history_seen,
                 "target": self.target, "target_bytes": self.target_bytes,
-                "ramp_steps": self.ramp_steps,
-                "schedule": self.schedule, "schedule_share": self.schedule_share}
+                "ramp_steps": self.ramp_steps, "ramp_start": self.ramp_start,
+                "schedule_start": self.schedule_start,
+                "schedule": self.schedule, "schedule_share": self.schedule_share,
+                "refit_share": self.refit_share, "refit_relax": self.refit_relax,
+                "refit_start": self.refit_start,
+                "refitting": self.refitting}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.lambda21 = dict(state_dict.get("lambda21", {}))
@@ -494,3 +633,7 @@ class SparsityMonitor(Callback):
         self._history_seen = int(state_dict.get("history_seen", len(self.history)))
         if state_dict.get("ramp_steps") is not None and self.schedule_share:
             self.ramp_steps = int(state_dict["ramp_steps"])  # the saved run's curve
+            self.ramp_start = int(state_dict.get("ramp_start", 0))
+        if state_dict.get("refit_start") is not None and self.refit_share:
+            self.refit_start = int(state_dict["refit_start"])  # the saved run's refit steps
+            self.refitting = bool(state_dict.get("refitting", False))

@@ -92,12 +92,14 @@ def main(out_dir: str, cfg: dict) -> None:
     callbacks = [GroupLasso(opt_cls, **group_kw)]
     monitor = None
     if cfg.get("monitor", True):
+        # schedule and refit: the monitor's defaults unless the job names them
+        sched = {k: cfg[k] for k in ("schedule_share", "schedule_start", "schedule",
+                                     "refit_share") if k in cfg}
         monitor = SparsityMonitor(target_feature_rate=cfg.get("target"),
                                   tune_every_n_steps=cfg.get("tune_every", 5),
                                   log_every_n_steps=cfg.get("log_every", 5),
-                                  schedule_share=cfg.get("schedule_share", 0.0),
                                   target_bytes=cfg.get("target_bytes"),
-                                  serve_dtype=cfg.get("serve_dtype", "fp32"))
+                                  serve_dtype=cfg.get("serve_dtype", "fp32"), **sched)
         callbacks.append(monitor)
     if cfg.get("stop_after_epoch") is not None:  # a run interrupted after that epoch
         callbacks.append(_StopAfter(cfg["stop_after_epoch"]))
@@ -144,6 +146,9 @@ def main(out_dir: str, cfg: dict) -> None:
                   "validated": validated,
                   "lambda21": monitor.lambda21 if monitor else None,
                   "ramp_steps": monitor.ramp_steps if monitor else None,
+                  "ramp_start": monitor.ramp_start if monitor else None,
+                  "refit_start": monitor.refit_start if monitor else None,
+                  "refitting": monitor.refitting if monitor else None,
                   "history": monitor.history if monitor else None,
                   "plot": monitor.plot_path if monitor else None,
                   "pruned": pruning.pruned if pruning else None}

@@ -178,6 +178,90 @@ def test_target_schedule_ramps_then_holds(tmp_path):
     assert abs(res["metrics"]["feature_rate"] - target) <= 0.05 * target
 
 
+def test_default_schedule_and_refit_fix_the_support(tmp_path):
+    """A target and nothing else: DEFAULT_SCHEDULE -- target 1.0 (all rows kept) until 60% of
+    the steps, the cubic ramp to 80%, the target held at every tuning, then the refit: from its
+    first step the set of non-zero rows only shrinks (the support is fixed; rows first seen now
+    are zero), and training ends within 5% of the target (2 ranks, TorchRec tables)."""
+    from lightning_sgl.callbacks.sparsity_monitor import DEFAULT_SCHEDULE, scheduled_rate
+
+    target = 0.2
+    res = run_job("tests.lightning.fit_job", tmp_path, {**AUTOTUNE, "target": target})
+    steps, start, ramp = res["global_step"], res["ramp_start"], res["ramp_steps"]
+    refit = res["refit_start"]
+    assert start == int(DEFAULT_SCHEDULE["schedule_start"] * steps)
+    assert ramp == int(DEFAULT_SCHEDULE["schedule_share"] * steps)
+    assert refit == steps - int(DEFAULT_SCHEDULE["refit_share"] * steps)
+    assert res["refitting"]
+    hist = [(s, r) for s, r, _ in res["history"]]
+    tuned = [(s, r) for s, r in hist if s % AUTOTUNE["tune_every"] == 0 and 0 < s < refit]
+    worst = max(abs(r - scheduled_rate(target, s, ramp, start=start))
+                / scheduled_rate(target, s, ramp, start=start) for s, r in tuned)
+    before = [r for s, r in tuned if s < start]
+    after = [r for s, r in hist if s >= refit]
+    print(f"default schedule: keep-all until {start}, ramp to {start + ramp}, refit from "
+          f"{refit} of {steps}; worst gap at a tuning {worst:.4f}; rate before the ramp "
+          f"{min(before):.4f}; refit rates [{min(after):.4f}, {max(after):.4f}]; val_auc "
+          f"{res['metrics']['val_auc']:.4f}")
+    assert worst <= 0.01
+    assert min(before) >= 0.99
+    assert all(a >= b for a, b in zip(after, after[1:]))  # the support never grows
+    assert all(abs(r - target) <= 0.05 * target for r in after)
+    assert res["metrics"]["val_auc"] > 0.8
+
+
+class _StubTables:
+    """The monitor's table adapter with fixed counts; ``norms`` (the O(rows) part) counted."""
+
+    def __init__(self, counts, lam):
+        self._counts, self.lam, self.norm_calls = counts, lam, 0
+
+    def counts(self):
+        return dict(self._counts)
+
+    def norms(self):
+        import torch
+
+        self.norm_calls += 1
+        return {n: (torch.arange(1.0, s + 1.0), 4) for n, (s, _) in self._counts.items()}
+
+    def lambda21(self):
+        return dict(self.lam)
+
+    def set_lambda21(self, values):
+        self.lam.update(values)
+
+    def reapply(self):
+        pass
+
+
+def test_tuning_that_keeps_every_row_is_skipped():
+    """Before the ramp (target 1.0), with every seen row non-zero and lambda21 at the floor, a
+    tuning costs the counts only (no norms, no search, no re-application); a zero seen row, or
+    a lambda21 above the floor, makes it run (negative controls)."""
+    from lightning_sgl import SparsityMonitor
+
+    def monitor(counts, lam):
+        m = SparsityMonitor(0.2)
+        m._tables = _StubTables(counts, lam)
+        m.lambda21 = dict(lam)
+        m.ramp_steps, m.ramp_start, m.refit_start = 20, 60, 90
+        return m
+
+    m = monitor({"a": (10, 10), "b": (5, 5)}, {"a": 1e-12, "b": 1e-12})
+    m._tune(10)
+    assert m._tables.norm_calls == 0 and m.last_tuning["skipped"] == 1
+    m = monitor({"a": (10, 9), "b": (5, 5)}, {"a": 1e-12, "b": 1e-12})
+    m._tune(10)
+    assert m._tables.norm_calls == 1 and "skipped" not in m.last_tuning
+    m = monitor({"a": (10, 10), "b": (5, 5)}, {"a": 1e-3, "b": 1e-12})
+    m._tune(10)
+    assert m._tables.norm_calls == 1 and m.lambda21["a"] <= 1e-12  # the search set the floor
+    m = monitor({"a": (10, 10), "b": (5, 5)}, {"a": 1e-12, "b": 1e-12})
+    m._tune(70)  # on the ramp: the target is below 1
+    assert m._tables.norm_calls == 1
+
+
 def test_scheduled_rate_is_the_cubic_ramp():
     from lightning_sgl.callbacks.sparsity_monitor import scheduled_rate
 
@@ -188,6 +272,9 @@ def test_scheduled_rate_is_the_cubic_ramp():
     assert scheduled_rate(0.2, 5, 0) == 0.2
     rates = [scheduled_rate(0.05, s, 80) for s in range(0, 120)]
     assert all(a >= b for a, b in zip(rates, rates[1:]))  # never rises
+    assert scheduled_rate(0.2, 59, 100, start=60) == 1.0  # before the start
+    assert scheduled_rate(0.2, 110, 100, start=60) == pytest.approx(0.2 + 0.8 * 0.125)
+    assert scheduled_rate(0.2, 5, 0, start=10) == 1.0 and scheduled_rate(0.2, 10, 0, 10) == 0.2
 
 
 def test_plain_ddp_with_sparse_embedding_and_dense_group_optimizer(tmp_path):

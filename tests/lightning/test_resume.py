@@ -28,7 +28,10 @@ def _result(out):
 
 VARIANTS = {"scheduler": {"gamma": 0.9}, "plain_adam": {"plain_optimizer": True},
             # target ramped over 90% of the 2 epochs: the first epoch ends mid-ramp
-            "sparsity_schedule": {"target": 0.3, "schedule_share": 0.9, "tune_every": 3}}
+            "sparsity_schedule": {"target": 0.3, "schedule_share": 0.9, "tune_every": 3},
+            # ramp over 10-30% of the 2 epochs, refit from 40%: epoch 1 ends inside the refit
+            "sparsity_refit": {"target": 0.3, "schedule_start": 0.1, "schedule_share": 0.2,
+                               "refit_share": 0.6, "tune_every": 3}}
 
 
 @pytest.mark.parametrize("variant", list(VARIANTS))
@@ -62,6 +65,22 @@ def test_one_epoch_plus_resume_equals_two_epochs(pair, tmp_path, variant):
         assert full_r["ramp_steps"] == res_r["ramp_steps"] == int(0.9 * full_r["global_step"])
         assert full_r["lambda21"] == res_r["lambda21"]
         assert first["metrics"]["feature_rate"] > 0.3 * 1.1  # mid-ramp: above the target
+    elif variant == "sparsity_refit":  # resumed inside the refit: the same support, steps
+        full_r, res_r = _result(tmp_path / "full"), _result(tmp_path / "resumed")
+        first = _result(tmp_path / "first")
+        steps = full_r["global_step"]
+        print(f"  refit from step {full_r['refit_start']} of {steps} (resumed at "
+              f"{first['global_step']}); ramp {full_r['ramp_start']}+{full_r['ramp_steps']}; "
+              f"rate after epoch 1 {first['metrics']['feature_rate']:.4f}, at the end "
+              f"{full_r['metrics']['feature_rate']:.4f} / {res_r['metrics']['feature_rate']:.4f}")
+        for key in ("refit_start", "ramp_start", "ramp_steps", "lambda21", "refitting"):
+            assert full_r[key] == res_r[key], key
+        assert full_r["refit_start"] == steps - int(0.6 * steps) < first["global_step"]
+        assert first["refitting"] and res_r["refitting"]
+        assert res_r["metrics"]["feature_rate"] == full_r["metrics"]["feature_rate"]
+        # the refit starts on target; rows first seen after it stay zero, so the rate only falls
+        # (here by ~6%: the refit begins after 7 of 16 steps, while many rows are still new)
+        assert 0.8 * 0.3 < full_r["metrics"]["feature_rate"] <= 0.3 * 1.01
     elif variant == "scheduler":  # the tables' lr really decayed (and resumed decayed)
         assert lrs_full[0] < 0.02 * 0.9 ** 10
     else:  # the strategy saved the tables' optimizer state beside the plain Adam's

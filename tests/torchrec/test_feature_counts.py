@@ -1,6 +1,8 @@
 """Incremental feature counts == a full scan of the tables, on 2 gloo ranks, for TW, RW, CW and
 TWRW plans: after training steps, ``reapply_prox`` with a larger per-table lambda21, magnitude
-pruning, more steps, a DCP load under another plan, and steps after the load.
+pruning, more steps, a DCP load under another plan, steps after the load, and a refit (the
+support fixed, lambda1 = lambda21 = 0, the prox re-applied, more steps: no row joins the support,
+also for column-sharded tables, whose zero test is agreed over the shards).
 
 The ranks report ``feature_rate.feature_counts`` (O(tables): the kernels' own counters -- the test
 asserts they were not stale, so nothing was recounted, except right after the load) and dump every
@@ -45,7 +47,7 @@ def _worker(rank, port, plan, outdir):
 
     H.init_process(rank, port)
     cls, kw, other = CONFIGS[plan]
-    batches = H.rank_batches(8)
+    batches = H.rank_batches(10)
     model = H.build_model(cls, kw, plan)
     H.set_full_weights(model, H.full_init())
     feature_rate.feature_counts(model)  # the initial weights were written from outside: recount
@@ -80,8 +82,15 @@ def _worker(rank, port, plan, outdir):
     model.fused_optimizer.load_state_dict(state["optim"])
     assert any(k.counts_stale() for k in _kernels(model))  # the load marked them stale
     record("load", expect_fresh=False)
-    H.train(model, batches[5:], rank)
+    H.train(model, batches[5:8], rank)
     record("after-load")
+    for k in _kernels(model):  # the refit of SparsityMonitor(refit_share=...)
+        names = [t.name for t in k.tables]
+        k.set_table_hyperparameters({n: {"lambda1": 0.0, "lambda21": 0.0} for n in names})
+        k.set_fixed_support(names)
+        k.reapply_prox()
+    H.train(model, batches[8:], rank)
+    record("refit")
     torch.save(records, os.path.join(outdir, f"rank{rank}.pt"))
     torch.distributed.barrier()
     torch.distributed.destroy_process_group()
@@ -106,12 +115,20 @@ def _full_scan(dumps):
     return out
 
 
+def _support(dumps):
+    """``{table: rows non-zero on any column shard}`` from every rank's shards."""
+    out = {n: torch.zeros(r, dtype=torch.bool) for n, r, _, _ in H.TABLES}
+    for name, r0, _, w, _ in dumps:
+        out[name][r0:r0 + w.shape[0]] |= (w != 0).any(1)
+    return out
+
+
 @pytest.mark.parametrize("plan", list(CONFIGS))
 def test_incremental_counts_equal_a_full_scan(plan, tmp_path):
     H.spawn(_worker, plan, str(tmp_path))
     ranks = [torch.load(tmp_path / f"rank{r}.pt") for r in range(H.WORLD)]
     stages = [s for s, _, _ in ranks[0]]
-    assert stages == ["train", "reapply", "prune", "train-more", "load", "after-load"]
+    assert stages == ["train", "reapply", "prune", "train-more", "load", "after-load", "refit"]
     previous = None
     for j, stage in enumerate(stages):
         reported = [r[j][1] for r in ranks]
@@ -124,3 +141,7 @@ def test_incremental_counts_equal_a_full_scan(plan, tmp_path):
         previous = expected
     load = dict((s, c) for s, c, _ in ranks[0])
     assert load["load"] == load["train-more"]  # the checkpoint carried the tables whole
+    before, after = (_support([d for r in ranks for d in r[j][2]]) for j in (5, 6))
+    for name in before:  # the refit's support is a subset of what it started from
+        assert not bool((after[name] & ~before[name]).any()), name
+        assert int(after[name].sum()) > 0, name
