@@ -169,7 +169,7 @@ def main(argv=None) -> None:
         json.dump({f"{k[0]}/{k[1]}/{k[2]}": v for k, v in results.items()}, f, indent=1)
     figure1(results, args, names, "_paper" if args.paper else "")
     if args.extras:
-        extras(data_kw, args)
+        extras(data_kw, args, monitor_kw)
 
 
 def figure1(results, args, names, tag: str = "") -> None:
@@ -205,8 +205,9 @@ def figure1(results, args, names, tag: str = "") -> None:
     print(f"wrote {path}")
 
 
-def extras(data_kw, args) -> None:
-    """Figure 3 (feature rate vs lambda: l1 vs l21), Figure 2 (s_t vs exact norm), Table 4."""
+def extras(data_kw, args, monitor_kw: dict) -> None:
+    """Figure 3 (feature rate vs lambda: l1 vs l21), Figure 2 (s_t vs exact norm), Table 4; the
+    Group runs with a target use the tables' monitor settings (``monitor_kw``)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -238,8 +239,8 @@ def extras(data_kw, args) -> None:
             r = train_once(data_kw, {"dim": args.dim},
                            {"optimizer": "GroupAdam", "lr": 0.01, "lambda21": 1e-4,
                             "optimizer_kwargs": {"exact_group_norm": exact}},
-                           [SparsityMonitor(rate, tune_every_n_steps=5, plot=False)], 0,
-                           args.epochs)
+                           [SparsityMonitor(rate, tune_every_n_steps=5, plot=False,
+                                            **monitor_kw)], 0, args.epochs)
             row.append(f"{'exact' if exact else 's_t'} AUC {r['auc']:.4f} (rate {r['rate']:.3f})")
         print(f"  rate {rate}: " + "; ".join(row))
     print("Table 4 (embedding dimension), GroupAdam at rate 0.2 vs Adam + pruning:")
@@ -248,7 +249,8 @@ def extras(data_kw, args) -> None:
     for dim in (4, 8, 16):
         g = train_once(data_kw, {"dim": dim}, {"optimizer": "GroupAdam", "lr": 0.01,
                                                 "lambda21": 1e-4},
-                       [SparsityMonitor(0.2, tune_every_n_steps=5, plot=False)], 0, args.epochs)
+                       [SparsityMonitor(0.2, tune_every_n_steps=5, plot=False, **monitor_kw)], 0,
+                       args.epochs)
         p = train_once(data_kw, {"dim": dim}, {"optimizer": "GroupAdam", "lr": 0.01,
                                                 "lambda21": 0.0},
                        [MagnitudePruning(0.2, fine_tune_fraction=args.fine_tune)], 0, args.epochs)

@@ -167,3 +167,18 @@ def test_gpu_check_dry_run_passes_on_cpu():
     assert all(r["rows_zeroed"] > 0 for c, r in checks.items() if "-vs-cpu/" in c)
     assert set(checks["timing"]["ms_per_step"]) == {
         "GroupAdagrad rowwise", "GroupAdam rowwise", "GroupAdam", "EmbeddingBag+SparseAdam"}
+
+
+def test_bench_tuning_runs_at_small_size():
+    """``benchmarks/bench_tuning.py`` at 20k rows per table, 1 and 2 ranks: the monitor's own
+    tuning on target (0.2000 after it) with 5 threshold collectives -- the benchmark keeps
+    working as the monitor changes (no timing is asserted)."""
+    proc = subprocess.run([sys.executable, "benchmarks/bench_tuning.py", "--sizes", "20000",
+                           "--ranks", "1", "2"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    rows = [line.split("|")[1:-1] for line in proc.stdout.splitlines()
+            if line.startswith("| 20,000")]
+    assert [r[1].strip() for r in rows] == ["1", "2"]
+    for r in rows:
+        assert r[6].strip() == "5" and r[7].strip() == "0.2000", r
