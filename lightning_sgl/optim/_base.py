@@ -109,7 +109,11 @@ class GroupOptimizer(Optimizer):
         params: an iterable of parameters or param-group dicts.
         defaults: the hyperparameters of every param group (``lr``, the lambdas, the flags
             ``group_by``, ``rowwise``, ``exact_group_norm``, ``nonfinite``, ``compiled`` and the
-            rule's own), validated here; see the subclasses for their meaning.
+            rule's own), validated here; see the subclasses for their meaning. Two more
+            param-group keys (default ``False``): ``track_seen`` (one byte per row: the row
+            was trained) and ``fixed_support`` (the refit of a relaxed group lasso: only rows in
+            the support train, see :func:`~lightning_sgl.optim.functional.support_rows` and
+            ``_support_step``).
 
     Reference:
         Yue et al., "Adaptive Optimizers with Sparse Group Lasso for Neural Networks in CTR
