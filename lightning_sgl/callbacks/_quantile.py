@@ -77,8 +77,9 @@ def thresholds(groups: list[Tensor], keeps: list[int], allreduce: Collectives,
                bins: int = 4096, max_final: int = 1 << 16, floor: float = FLOOR) -> list[float]:
     """For each group: a threshold ``t >= floor`` with exactly ``#{values of the group, over all
     ranks, > t} <= keep`` values above it and as many as that allows: ``t`` lies halfway
-    between the ``(keep+1)``-th and the ``keep``-th largest value (so that rounding in the
-    kernel's own ``norm <= sqrt(d) * lambda21`` test cannot move a row across it); ``floor``
+    between the ``(keep+1)``-th and the next larger value (so that rounding in the kernel's
+    own ``norm <= sqrt(d) * lambda21`` test cannot move a row across it; the next larger value
+    comes with the fourth all-reduce when it lies above the final bucket); ``floor``
     when at most ``keep`` values exceed ``floor``. Ties at the boundary all fall below ``t``.
 
     Args:
@@ -140,7 +141,14 @@ def thresholds(groups: list[Tensor], keeps: list[int], allreduce: Collectives,
     finals = [sel[c == b2[i]] for i, (sel, c) in enumerate(zip(inner, idx2))]
     counts = torch.tensor([min(f.numel(), max_final) for f in finals], dtype=torch.float64)
     over = torch.tensor([float(f.numel() > max_final) for f in finals], dtype=torch.float64)
-    width = allreduce(torch.stack([counts, over]), "max")
+    # the smallest value above the final bucket (the keep-th largest when the bucket holds none
+    # of the kept values), as -min in the same MAX all-reduce
+    next_up = torch.full((g,), float("-inf"), dtype=torch.float64)
+    for i, (v, b, sel, c) in enumerate(zip(pos, idx1, inner, idx2)):
+        up = torch.cat([v[b > b1[i]], sel[c > b2[i]]]) if v.numel() else v  # higher buckets
+        if up.numel():
+            next_up[i] = -up.min()
+    width = allreduce(torch.stack([counts, over, next_up]), "max")
     m = int(width[0].max().item()) if g else 0
     buf = torch.zeros(allreduce.world, g, max(m, 1), dtype=torch.float64)  # 0: an empty slot
     for i, f in enumerate(finals):
@@ -161,7 +169,13 @@ def thresholds(groups: list[Tensor], keeps: list[int], allreduce: Collectives,
         vals = vals[vals > 0].sort(descending=True).values
         r = int(keep[i].item() - above2[i].item())  # 0-based position in the final bucket
         below = float(vals[r])  # the (keep+1)-th largest value
-        above = float(vals[r - 1]) if r > 0 else max(upper, below)
+        larger = vals[vals > below]
+        if larger.numel():  # the next larger value, in the same bucket
+            above = float(larger.min())
+        elif math.isfinite(float(width[2, i])):  # ... or the first value of a higher bucket
+            above = -float(width[2, i])
+        else:  # nothing larger: every value may go below; any t >= the largest value
+            above = 3.0 * below
         out.append(max(floor, 0.5 * (below + above)))
     return out
 

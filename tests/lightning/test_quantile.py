@@ -25,6 +25,11 @@ def _check(values: torch.Tensor, keep: int, t: float) -> None:
         order = v.sort(descending=True).values
         # every value larger than the (keep+1)-th stays above t; ties at the boundary go below
         assert int((v > t).sum()) == int((v > order[keep]).sum())
+        # t is the middle of the gap, so rounding (the kernel's float32 threshold) cannot move a
+        # row across it -- also when the gap spans histogram buckets
+        below, larger = float(order[keep]), v[v > order[keep]]
+        if larger.numel():
+            assert t == 0.5 * (below + float(larger.min())), (t, below, float(larger.min()))
     else:
         assert t == FLOOR
 
@@ -54,6 +59,19 @@ def test_threshold_equals_sorting(case, bins):
     (t,) = thresholds([values], [keep], coll, bins=bins)
     _check(values, keep, t)
     assert coll.count == 5
+
+
+def test_gap_across_buckets_gives_the_midpoint():
+    """The keep-th largest value far above a tight cluster that holds the (keep+1)-th: the
+    threshold is the middle of the gap, not the cluster's bucket edge (which sat within float32
+    rounding of the cluster's top value: the fused kernel then kept one row too many)."""
+    cluster = 1.0 + torch.arange(1000, dtype=torch.float64) * 1e-9
+    values = torch.cat([torch.tensor([100.0, 50.0], dtype=torch.float64), cluster])
+    for keep in (1, 2):
+        (t,) = thresholds([values], [keep], Collectives())
+        _check(values, keep, t)
+    (t,) = thresholds([values], [2], Collectives())
+    assert t == 0.5 * (float(cluster.max()) + 50.0)
 
 
 def test_many_groups_in_one_search_and_the_fallback_for_huge_ties():
