@@ -231,6 +231,13 @@ def global_threshold(local: dict[str, tuple[torch.Tensor, float]], keep: int,
     return thresholds([merged], [keep], coll, floor=lo)[0]
 
 
+def _check_fraction(name: str, v, valid: str, upper_open: bool) -> None:
+    """Refuse ``v`` unless it is a number in [0, 1) (``upper_open``) or [0, 1]."""
+    if (isinstance(v, bool) or not isinstance(v, (int, float))
+            or not (0.0 <= v < 1.0 if upper_open else 0.0 <= v <= 1.0)):
+        raise ValueError(f"Invalid {name}: {v!r} (valid range: {valid})")
+
+
 def _quiet_sync_advice() -> None:
     """Silence Lightning's "use sync_dist=True when logging on epoch level" advice for the
     monitor's own metric names (their values are global already); every other metric keeps it."""
@@ -303,25 +310,13 @@ class SparsityMonitor(Callback):
         schedule_start, schedule_share, refit_share = resolve_schedule(
             schedule_start, schedule_share, refit_share,
             target_feature_rate is not None or target_bytes is not None)
-        if (isinstance(schedule_share, bool) or not isinstance(schedule_share, (int, float))
-                or not 0.0 <= schedule_share < 1.0):
-            raise ValueError(f"Invalid schedule_share: {schedule_share!r} (valid range: "
-                             "0 <= share < 1)")
-        if (isinstance(schedule_start, bool) or not isinstance(schedule_start, (int, float))
-                or not 0.0 <= schedule_start < 1.0):
-            raise ValueError(f"Invalid schedule_start: {schedule_start!r} (valid range: "
-                             "0 <= share < 1)")
-        if (isinstance(refit_share, bool) or not isinstance(refit_share, (int, float))
-                or not 0.0 <= refit_share < 1.0):
-            raise ValueError(f"Invalid refit_share: {refit_share!r} (valid range: "
-                             "0 <= share < 1)")
+        for name, v in (("schedule_share", schedule_share), ("schedule_start", schedule_start),
+                        ("refit_share", refit_share)):
+            _check_fraction(name, v, "0 <= share < 1", upper_open=True)
         if refit_share and target_feature_rate is None and target_bytes is None:
             raise ValueError("Invalid refit_share: a refit needs target_feature_rate or "
                              "target_bytes")
-        if (isinstance(refit_relax, bool) or not isinstance(refit_relax, (int, float))
-                or not 0.0 <= refit_relax <= 1.0):
-            raise ValueError(f"Invalid refit_relax: {refit_relax!r} (valid range: "
-                             "0 <= relax <= 1)")
+        _check_fraction("refit_relax", refit_relax, "0 <= relax <= 1", upper_open=False)
         if schedule_start and not schedule_share:
             raise ValueError("Invalid schedule_start: a start needs a ramp (schedule_share > 0)")
         if refit_share and schedule_start + schedule_share + refit_share > 1.0 + 1e-9:

@@ -113,7 +113,7 @@ class GroupOptimizer(Optimizer):
             param-group keys (default ``False``): ``track_seen`` (one byte per row: the row
             was trained) and ``fixed_support`` (the refit of a relaxed group lasso: only rows in
             the support train, see :func:`~lightning_sgl.optim.functional.support_rows` and
-            ``_support_step``).
+            ``_lazy``).
 
     Reference:
         Yue et al., "Adaptive Optimizers with Sparse Group Lasso for Neural Networks in CTR
@@ -350,10 +350,9 @@ class GroupOptimizer(Optimizer):
             kw = dict(step=step, hp=hp, rule_name=self.rule, rowwise=rowwise,
                       exact=group["exact_group_norm"], compiled=group["compiled"])
             grad, h = grads[p], sq_of.get(p)
-            if group["fixed_support"] and gb == "row":
-                idx, refused = self._support_step(p, grad, h, state, states, rw, i in bad, kw)
-            elif grad.is_sparse or i in bad:
-                idx, refused = self._lazy(p, grad, h, state["dual"], states, rw, gb, i in bad, kw)
+            fixed = group["fixed_support"] and gb == "row"
+            if grad.is_sparse or i in bad or fixed:
+                idx, refused = self._lazy(p, grad, h, state, states, rw, gb, i in bad, kw, fixed)
             else:
                 idx = None
                 refused = apply_dense_(p, grad, state["dual"], states, rw, sq_of=h, group_by=gb,
@@ -445,43 +444,15 @@ class GroupOptimizer(Optimizer):
                     state["dual"].copy_(from_groups(dual2d, gb, p.shape))
 
     @staticmethod
-    def _support_step(p, grad, h, state, states, rw, skip_nonfinite, kw) -> tuple[Tensor, Tensor]:
-        """A step with the support fixed (``fixed_support=True``, row groups): only the rows of
-        the gradient that :func:`~._functional.support_rows` keeps take a (lazy) step -- with a
-        dense gradient that is every support row, as the dense step would; a zero row keeps its
-        values and state; a row seen for the first time is set to zero and marked seen. O(rows
-        of the gradient x d). Returns ``(rows stepped, mask of those refused)``."""
-        x2d = to_groups(p, "row")
-        if grad.is_sparse:
-            idx, rows = grad.indices()[0], grad.values().reshape(grad.indices().shape[1], -1)
-            touched = torch.ones(idx.numel(), dtype=torch.bool, device=idx.device)
-            sq_rows = None
-        else:
-            rows = to_groups(grad, "row")
-            idx = torch.arange(rows.shape[0], device=rows.device)
-            touched = rows.ne(0).any(dim=1)
-            sq_rows = None if h is None else to_groups(h, "row")
-        seen = state.get("seen")
-        keep = support_rows(x2d.index_select(0, idx), None if seen is None else seen[idx])
-        if seen is not None:  # first seen now: outside the support, served as zero
-            new = idx[touched & seen[idx].eq(0)]
-            x2d.index_fill_(0, new, 0.0)
-            seen[new] = 1
-        if skip_nonfinite:
-            keep &= torch.isfinite(rows).all(dim=1)
-            if sq_rows is not None:
-                keep &= torch.isfinite(sq_rows).all(dim=1)
-        idx, rows = idx[keep], rows[keep]
-        sq_rows = None if sq_rows is None else sq_rows[keep]
-        states2d = [rowwise_view(s) if r else to_groups(s, "row") for s, r in zip(states, rw)]
-        refused = apply_rows_(x2d, idx, rows, to_groups(state["dual"], "row"), states2d,
-                              sq_rows=sq_rows, **kw)
-        return idx, refused
-
-    @staticmethod
-    def _lazy(p, grad, h, dual, states, rw, gb, skip_nonfinite, kw) -> tuple[Tensor, Tensor]:
+    def _lazy(p, grad, h, state, states, rw, gb, skip_nonfinite, kw, fixed=False
+              ) -> tuple[Tensor, Tensor]:
         """Lazy rows: only rows present in the gradient (coalesced if sparse) and finite, when
-        skipping, are updated. Returns ``(rows processed, mask of those refused)``."""
+        skipping, are updated. With ``fixed`` (``fixed_support=True``, row groups) only those of
+        them in the support (:func:`~._functional.support_rows`) -- with a dense gradient every
+        support row steps, as the dense step would --; a zero row keeps its values and state,
+        and a row seen for the first time is set to zero and marked seen. O(rows of the
+        gradient x d). Returns ``(rows processed, mask of those refused)``."""
+        x2d = to_groups(p, gb)
         if grad.is_sparse:
             idx, rows = grad.indices()[0], grad.values()
             sq_rows = None
@@ -489,13 +460,24 @@ class GroupOptimizer(Optimizer):
             rows = to_groups(grad, gb)
             idx = torch.arange(rows.shape[0], device=rows.device)
             sq_rows = None if h is None else to_groups(h, gb)
+        keep = None
+        if fixed:
+            seen = state.get("seen")
+            keep = support_rows(x2d.index_select(0, idx), None if seen is None else seen[idx])
+            if seen is not None:  # first seen now: outside the support, served as zero
+                touched = torch.ones_like(keep) if grad.is_sparse else rows.ne(0).any(dim=1)
+                new = idx[touched & seen[idx].eq(0)]
+                x2d.index_fill_(0, new, 0.0)
+                seen[new] = 1
         if skip_nonfinite:
             ok = torch.isfinite(rows).all(dim=1)
             if sq_rows is not None:
                 ok &= torch.isfinite(sq_rows).all(dim=1)
-            idx, rows = idx[ok], rows[ok]
-            sq_rows = None if sq_rows is None else sq_rows[ok]
+            keep = ok if keep is None else keep & ok
+        if keep is not None:
+            idx, rows = idx[keep], rows[keep]
+            sq_rows = None if sq_rows is None else sq_rows[keep]
         states2d = [rowwise_view(s) if r else to_groups(s, gb) for s, r in zip(states, rw)]
-        refused = apply_rows_(to_groups(p, gb), idx, rows, to_groups(dual, gb), states2d,
+        refused = apply_rows_(x2d, idx, rows, to_groups(state["dual"], gb), states2d,
                               sq_rows=sq_rows, **kw)
         return idx, refused
