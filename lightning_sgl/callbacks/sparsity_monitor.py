@@ -562,13 +562,12 @@ class SparsityMonitor(Callback):
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
-        if self.refitting:
-            pass  # the support is fixed: no tuning
-        elif self.refit_start is not None and step >= self.refit_start:
-            self._start_refit(step)
-        elif (self._tunes and step > self.warmup_steps
-                and step % self.tune_every_n_steps == 0):
-            self._tune(step)
+        if not self.refitting:  # once the support is fixed, no tuning runs
+            if self.refit_start is not None and step >= self.refit_start:
+                self._start_refit(step)
+            elif (self._tunes and step > self.warmup_steps
+                    and step % self.tune_every_n_steps == 0):
+                self._tune(step)
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if step % every == 0:
             self._log(pl_module, step, on_epoch=False)

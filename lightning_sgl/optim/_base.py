@@ -428,10 +428,10 @@ class GroupOptimizer(Optimizer):
                 gb = resolve_group_by(p, group["group_by"], name)
                 # only rows that were trained, for lazy tables; every group otherwise; with the
                 # support fixed, only support rows (a zero row would revive at lambda21 = 0)
-                rows = state["seen"].nonzero().view(-1) if "seen" in state else None
                 if group["fixed_support"] and gb == "row":
-                    keep = support_rows(to_groups(p, gb), state.get("seen"))
-                    rows = keep.nonzero().view(-1)
+                    rows = support_rows(to_groups(p, gb), state.get("seen")).nonzero().view(-1)
+                else:
+                    rows = state["seen"].nonzero().view(-1) if "seen" in state else None
                 x2d, dual2d = to_groups(p, gb), to_groups(state["dual"], gb)
                 if rows is None and (not _is_view_of(x2d, p) or not _is_view_of(dual2d,
                                                                                   state["dual"])):
