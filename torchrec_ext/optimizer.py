@@ -13,6 +13,9 @@ States per table:
   global size is the same under every plan) and the others receive it after a load;
 - ``"<table>.seen"``: the 1-byte per row "seen in training" flags (row-sharded like row-wise
   state), so the feature rate resumes exactly;
+- ``"<table>.shrink"``: float32 per row, the row's shrink norm / sqrt(d) at its last write (the
+  ``lambda21`` tuner's index, :mod:`torchrec_ext.kernel.index`; row-sharded likewise), so a
+  resumed tuning sees what an uninterrupted one would;
 - ``"<table>.step"``: the kernel's step count (replicated).
 
 ``param_groups[0]`` holds ``lr``, the lambdas and the base optimizer's hyperparameters; the kernel
@@ -80,11 +83,12 @@ class GroupFusedOptimizer(FusedOptimizer):
                              for v, i in zip(local, idxs)], meta, pg)
                     else:
                         st[f"{name}.{key}"] = self._rowwise_state(config, idxs, local, gmeta)
-            seen = [kernel.row_seen_view(i) for i in idxs]
-            if gmeta is None or tc.local_metadata is None:
-                st[f"{name}.seen"] = seen[0]
-            else:
-                st[f"{name}.seen"] = self._rowwise_state(config, idxs, seen, gmeta)
+            for key, view in (("seen", kernel.row_seen_view), ("shrink", kernel.row_shrink_view)):
+                local = [view(i) for i in idxs]
+                if gmeta is None or tc.local_metadata is None:
+                    st[f"{name}.{key}"] = local[0]
+                else:
+                    st[f"{name}.{key}"] = self._rowwise_state(config, idxs, local, gmeta)
             st[f"{name}.step"] = kernel.step
             params[f"{name}.weight"] = weight
             state[weight] = st

@@ -13,6 +13,7 @@ from lightning_sgl.optim._dual import dual_to_z
 from lightning_sgl.optim._moments import get_rule
 from torchrec_ext import GroupTBE, TableSpec
 from torchrec_ext.kernel import native
+from torchrec_ext.kernel.tbe import REAPPLY_MARGIN
 
 from .helpers import CLASSES, HP, LAMBDAS, Reference, lambdas_for, make_batch
 
@@ -617,3 +618,181 @@ def test_fixed_support_equals_the_dense_optimizer(opt, rowwise, engine):
         assert torch.equal(kernel.row_flags(i)[0], ref_opt.row_flags(t.weight)[0])
     zero_after = sum(int((w == 0).all(1).sum()) for w in kernel.split_embedding_weights())
     assert zero_after >= zero_before  # first-seen rows joined the zero rows
+
+
+# --------------------------------------------------------------------------- shrink-norm index
+def _check_index(kernel, values=True):
+    """The index against a full scan (as the writes kept it: no rebuild): per table, the
+    histogram is the bucket count of the stored shrink norms of the seen rows, the rows of every
+    used bucket are exactly those rows, and the stored values are the rows' shrink norms /
+    sqrt(d) (recomputed from the state: with ``values``, for rules whose sigma does not move
+    with the step -- Adam's bias correction and SGD's sqrt(t) do move it, and a row keeps the
+    norm of its last write)."""
+    from torchrec_ext.kernel.index import BUCKETS, bucket_of
+
+    idx = kernel.shrink_index
+    norms = kernel.shrink_norms()
+    for i, t in enumerate(kernel.tables):
+        seen = kernel.row_seen_view(i).bool()
+        u = kernel.row_shrink_view(i)[seen]
+        b = bucket_of(u)
+        assert torch.equal(idx.histogram(i), torch.bincount(b, minlength=BUCKETS)), t.name
+        base = kernel.layout.row_offsets[i]
+        for bucket in torch.unique(b).tolist():
+            got = idx.rows_in([(i, bucket, bucket)])
+            want = seen.nonzero().view(-1)[b == bucket] + base
+            assert torch.equal(got, want.sort().values), (t.name, bucket)
+        ref = (norms[t.name].view(-1) / t.full_dim ** 0.5).float()
+        assert not values or torch.allclose(u, ref, rtol=1e-5, atol=1e-30), t.name
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernel not built")
+@pytest.mark.parametrize("opt,rowwise", [("adagrad", True), ("adam", False), ("sgd", False)])
+def test_shrink_index_is_kept_by_every_engine(opt, rowwise):
+    """Native and eager updates keep the index equal to a full scan; every seen row linked."""
+    batches = _realistic_batches(6)
+    eager, fast = _fast_equals_eager(opt, rowwise, REAL_TABLES, REAL_FTM, batches, "mean",
+                                     {"user": {"lambda21": 1.0}})
+    for k in (eager, fast):
+        assert k.shrink_index.linked
+        _check_index(k, values=opt == "adagrad")  # kept by the updates themselves
+        hist = k.shrink_index.hist.clone()
+        k.shrink_index.ensure(recompute=True)  # a rebuild from the state
+        _check_index(k)
+        if opt == "adagrad":
+            assert torch.equal(k.shrink_index.hist, hist)
+        assert not k.shrink_index.stale()
+
+
+@pytest.mark.parametrize("engine", ["native", "eager"])
+def test_reapply_between_thresholds_equals_a_full_reapply_on_the_zero_set(engine):
+    """A new lambda21 re-applied through the index (only rows whose shrink norm lies between
+    the old and new thresholds) leaves the same rows zero and the same counts as the full
+    re-application, touches far fewer rows, and leaves the other rows' values alone; negative
+    control: without it the zero set is the old one."""
+    if engine == "native" and not native.available():
+        pytest.skip("native kernel not built")
+    kernels = [GroupTBE(REAL_TABLES, REAL_FTM, optimizer="adagrad", rowwise=True,
+                        hyperparameters={**HP["adagrad"], "lambda21": 1e-3},
+                        compiled=engine == "native") for _ in range(3)]
+    torch.manual_seed(0)
+    init = torch.empty_like(kernels[0].weights).uniform_(-0.3, 0.3)
+    for k in kernels:
+        k.weights.copy_(init)
+    for indices, offsets, w, target in _realistic_batches(6):
+        for k in kernels:
+            (k(indices, offsets, w) * target).sum().backward()
+    full, between, control = kernels
+    u = full.shrink.clone()
+    seen = full.seen.bool()
+    new = float(u[seen].quantile(0.6))  # a lambda21 that zeroes ~60% of the seen rows
+    before = between.weights.clone()
+    for k in kernels:
+        k.update_hyper_parameters({"lambda21": new})
+    full.reapply_prox()
+    n = between.reapply_prox_between({t.name: (1e-3, new) for t in REAL_TABLES})
+    m = REAPPLY_MARGIN  # exactly the rows whose stored norm lies between (widened by m)
+    assert n == int((seen & (u > 1e-3 * (1 - m)) & (u <= new * (1 + m))).sum()) > 0
+    assert n < int(seen.sum()) * 0.8
+    for i in range(len(REAL_TABLES)):
+        assert torch.equal(full.row_flags(i)[1], between.row_flags(i)[1]), i
+        assert not torch.equal(full.row_flags(i)[1], control.row_flags(i)[1]), i
+    assert full.feature_counts() == between.feature_counts()
+    changed = (between.weights != before).view(-1)
+    lay = between.layout
+    elem_rows = torch.empty(lay.num_elements, dtype=torch.long)  # the kernel row of each weight
+    for i, t in enumerate(REAL_TABLES):
+        elem_rows[lay.weights_offsets[i]: lay.weights_offsets[i] + t.local_rows * t.local_cols] = (
+            torch.arange(t.local_rows).repeat_interleave(t.local_cols) + lay.row_offsets[i])
+    touched_rows = torch.unique(elem_rows[changed])
+    assert touched_rows.numel() <= n  # only the re-applied rows moved
+    _check_index(between)
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernel not built")
+@pytest.mark.parametrize("opt,rowwise,dtype", [("adagrad", True, torch.float32),
+                                               ("adagrad", False, torch.float64),
+                                               ("sgd", False, torch.float32)])
+@pytest.mark.parametrize("fixed", [False, True])
+def test_native_reapply_equals_the_eager_reapply(opt, rowwise, dtype, fixed):
+    """The native re-application (the update's row loop with a zero gradient, exact for rules
+    whose moments a zero gradient leaves alone) against the eager one on the same state: the
+    same zero rows and counts, the values and duals to rounding, the moments unchanged, the index
+    kept; with a fixed support (a refit) zero rows stay zero. Negative control: the eager
+    kernel's rows did change (the new lambda21 bites), so equality is not trivial."""
+    kernels = [GroupTBE(REAL_TABLES, REAL_FTM, optimizer=opt, rowwise=rowwise, dtype=dtype,
+                        hyperparameters={**HP[opt], "lambda21": 1e-3}, compiled=c)
+               for c in (None, False)]
+    torch.manual_seed(0)
+    init = torch.empty_like(kernels[0].weights).uniform_(-0.3, 0.3)
+    for k in kernels:
+        k.weights.copy_(init)
+    for indices, offsets, w, target in _realistic_batches(5):
+        for k in kernels:
+            psw = None if w is None else w.to(dtype)
+            (k(indices, offsets, psw) * target.to(dtype)).sum().backward()
+    fast, eager = kernels
+    assert fast.engine() == "native" and eager.engine() == "eager"
+    u = eager.shrink[eager.seen.bool()]
+    new = float(u.quantile(0.5))
+    if fixed:
+        for k in kernels:
+            k.set_fixed_support([t.name for t in REAL_TABLES])
+    before = eager.weights.clone()
+    states = [getattr(fast, n).clone() for n in fast.state_names]
+    for k in kernels:
+        k.update_hyper_parameters({"lambda21": new})
+        k.reapply_prox()
+    assert not torch.equal(eager.weights, before)
+    assert fast.feature_counts() == eager.feature_counts()
+    for i in range(len(REAL_TABLES)):
+        assert torch.equal(fast.row_flags(i)[1], eager.row_flags(i)[1]), i
+    tol = dict(rtol=2e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-12, atol=1e-14)
+    torch.testing.assert_close(fast.weights, eager.weights, **tol)
+    torch.testing.assert_close(fast.dual, eager.dual, **tol)
+    for n, s in zip(fast.state_names, states):
+        assert torch.equal(getattr(fast, n), s), n
+    if fixed:
+        assert torch.equal((fast.weights == 0), (eager.weights == 0))
+    _check_index(fast, values=opt == "adagrad")
+
+
+@pytest.mark.parametrize("engine", ["native", "eager"])
+def test_index_count_above_lambda21_is_the_feature_count(engine):
+    """The index's view (a seen row is non-zero iff its stored u > lambda21) equals the tables'
+    zero state after updates and re-applications, also for a lambda21 a hair below a row's u
+    -- where the prox's float32 test rounds lambda21 onto that u and zeroes the row (its stored
+    u is moved to the matching side, by one float32 step at most). Negative control: with the
+    stored u left as computed, that case fails (checked by hand when this test was written)."""
+    if engine == "native" and not native.available():
+        pytest.skip("native kernel not built")
+    k = GroupTBE(REAL_TABLES, REAL_FTM, optimizer="adagrad", rowwise=True,
+                 hyperparameters={**HP["adagrad"], "lambda21": 1e-3}, compiled=engine == "native")
+    torch.manual_seed(0)
+    k.weights.uniform_(-0.3, 0.3)
+    k.invalidate_counts()
+
+    def check():
+        lam = float(k.current_hyperparameters()["lambda21"])
+        for i, t in enumerate(REAL_TABLES):
+            seen = k.row_seen_view(i).bool()
+            nz = k.row_flags(i)[1]
+            above = k.row_shrink_view(i).double() > lam
+            assert torch.equal(nz[seen], above[seen]), t.name
+        assert all(int((k.row_shrink_view(i).double()[k.row_seen_view(i).bool()] > lam).sum())
+                   == k.feature_counts()[t.name][1] for i, t in enumerate(REAL_TABLES))
+
+    batches = _realistic_batches(6)
+    for n, (indices, offsets, w, target) in enumerate(batches):
+        (k(indices, offsets, w) * target).sum().backward()
+        if n == 2:
+            check()
+    u = k.row_shrink_view(0)[k.row_seen_view(0).bool()].sort().values  # "user": width 16
+    mid = float(u[u.numel() // 2])
+    # just below a row's u in float64, but that row's u in float32: the prox's own test
+    # (norm <= 4 * fl32(lambda21) for width 16) zeroes the row the float64 view keeps
+    for lam in (mid, mid * (1 - 2.0 ** -27), float(u[u.numel() // 3])):
+        old = float(k.current_hyperparameters()["lambda21"])
+        k.update_hyper_parameters({"lambda21": lam})
+        k.reapply_prox_between({t.name: (old, lam) for t in REAL_TABLES})
+        check()

@@ -135,6 +135,103 @@ constexpr bool state_rowwise(Rule r, int k) {
   return (r == ADAGRAD && k == 0) || ((r == ADAM || r == AMSGRAD) && k >= 1);
 }
 
+// ---- the shrink-norm index (torchrec_ext/kernel/index.py): every seen row is linked into the
+// bucket of its shrink norm u = ||s|| / sqrt(d) (float32), one doubly linked list and one count
+// per (table, bucket). Bucket b holds (E_b, E_{b+1}] with E_b the float32 of bit pattern
+// b << kShift: 2^(23 - kShift) buckets per octave, monotone in u, computed from the bits.
+constexpr int kShift = 16;
+constexpr int64_t kBuckets = int64_t(1) << (31 - kShift);
+// Each bucket's rows are spread over kLanes lists by row id (r % kLanes): a walk follows the
+// lanes in turn, so that kLanes independent pointer chases overlap their cache misses (a single
+// list walks at one miss per row).
+constexpr int64_t kLanes = 8;
+
+SGL_INLINE int32_t shrink_bucket(float u) {
+  if (!(u > 0.0f)) return 0;
+  uint32_t b;
+  std::memcpy(&b, &u, 4);
+  return static_cast<int32_t>(std::min<uint32_t>((b - 1u) >> kShift, kBuckets - 1));
+}
+
+// The value the index stores for a row: its u, moved (by at most the rounding between u and the
+// kernel's own norm <= sqrt(d) * lambda21 test, which only ever differs for u within a float32
+// step of lambda21) so that u > lambda21 exactly when the row came out non-zero: the index's
+// count above lambda21 is then the feature count.
+SGL_INLINE float consistent_u(float u, bool nonzero, double lambda21) {
+  float below = static_cast<float>(lambda21);  // the largest float32 <= lambda21
+  if (static_cast<double>(below) > lambda21) below = std::nextafter(below, -INFINITY);
+  if (nonzero) {
+    const float above = std::nextafter(below, INFINITY);  // the smallest float32 > lambda21
+    return static_cast<double>(u) > lambda21 ? u : above;
+  }
+  return static_cast<double>(u) > lambda21 ? below : u;
+}
+
+struct Index {
+  float* u = nullptr;  // nullptr: no index kept
+  int32_t* bkt = nullptr;
+  int32_t* nxt = nullptr;
+  int32_t* prv = nullptr;
+  int32_t* heads = nullptr;
+  int64_t* hist = nullptr;
+
+  int32_t* head(int64_t t, int64_t b, int64_t r) const {
+    return heads + (t * kBuckets + b) * kLanes + (r & (kLanes - 1));
+  }
+
+  // Move row r (of local table t) into the bucket of value v: O(1).
+  SGL_INLINE void relink(int64_t r, int64_t t, float v) const {
+    u[r] = v;
+    const int32_t nb = shrink_bucket(v);
+    const int32_t ob = bkt[r];
+    if (ob == nb) return;
+    if (ob >= 0) {
+      const int32_t p = prv[r], n = nxt[r];
+      if (p >= 0) nxt[p] = n; else *head(t, ob, r) = n;
+      if (n >= 0) prv[n] = p;
+      --hist[t * kBuckets + ob];
+    }
+    int32_t* h = head(t, nb, r);
+    nxt[r] = *h;
+    prv[r] = -1;
+    if (*h >= 0) prv[*h] = static_cast<int32_t>(r);
+    *h = static_cast<int32_t>(r);
+    ++hist[t * kBuckets + nb];
+    bkt[r] = nb;
+  }
+
+  // f(r) for every row of bucket b of table t, the lanes in turn. O(rows of the bucket).
+  template <typename F>
+  SGL_INLINE void walk(int64_t t, int64_t b, F&& f) const {
+    int32_t cur[kLanes];
+    int live = 0;
+    const int32_t* h = heads + (t * kBuckets + b) * kLanes;
+    for (int64_t l = 0; l < kLanes; ++l) live += (cur[l] = h[l]) >= 0;
+    while (live > 0) {
+      for (int64_t l = 0; l < kLanes; ++l) {
+        const int32_t r = cur[l];
+        if (r < 0) continue;
+        f(r);
+        cur[l] = nxt[r];
+        if (cur[l] < 0) --live; else __builtin_prefetch(u + cur[l], 0, 1);
+      }
+    }
+  }
+};
+
+Index make_index(at::TensorList index) {
+  Index ix;
+  if (index.size() == 0) return ix;
+  TORCH_CHECK(index.size() == 6, "index: shrink, bucket, next, prev, heads, hist");
+  ix.u = index[0].data_ptr<float>();
+  ix.bkt = index[1].data_ptr<int32_t>();
+  ix.nxt = index[2].data_ptr<int32_t>();
+  ix.prv = index[3].data_ptr<int32_t>();
+  ix.heads = index[4].data_ptr<int32_t>();
+  ix.hist = index[5].data_ptr<int64_t>();
+  return ix;
+}
+
 template <typename T>
 struct Work {
   // tables
@@ -148,6 +245,7 @@ struct Work {
   uint8_t* seen;
   int64_t* counts;
   const double* H;
+  Index ix;  // the shrink-norm index (ix.u == nullptr: none)
   // the batch's unique rows (sorted), their tables, summed gradients, input flags
   const int64_t* urow;
   const int64_t* utab;
@@ -198,6 +296,7 @@ void update_rows(Work<T>& w, int64_t t, int64_t u0, int64_t u1) {
   const T bc2s = static_cast<T>(h[BC2S]), clr = static_cast<T>(h[CLR]);
   const T sigma_const = static_cast<T>(h[SIGMA_CONST]), thresh = static_cast<T>(h[THRESH]);
   const T inv_d = T(1) / static_cast<T>(D);
+  const T sqrt_d = std::sqrt(static_cast<T>(D));
   const bool fixed = h[FIXED] != 0;
   constexpr int CAP = DW ? DW : 1;
   T xs[CAP], ds[CAP], sgs[CAP], ss[CAP], ns[NS > 0 ? NS : 1][CAP];
@@ -221,6 +320,7 @@ void update_rows(Work<T>& w, int64_t t, int64_t u0, int64_t u1) {
         for (int64_t j = 0; j < D; ++j) x[j] = T(0);
         w.seen[r] = 1;
         w.counts[2 * t] += 1;
+        if (w.ix.u) w.ix.relink(r, t, 0.0f);
         continue;
       }
       uint32_t nz = 0;
@@ -349,6 +449,7 @@ void update_rows(Work<T>& w, int64_t t, int64_t u0, int64_t u1) {
       for (int64_t j = 0; j < n; ++j) s[k][j] = sn[k][j];
     }
     w.seen[r] = 1;
+    if (w.ix.u) w.ix.relink(r, t, consistent_u(static_cast<float>(norm / sqrt_d), now_nz != 0, h[L21]));
   }
 }
 
@@ -409,6 +510,52 @@ struct Scratch {
   }
 };
 
+// Phase B of an update: Algorithm 1 on the U unique rows urow (sorted, grouped by table utab),
+// each with its summed gradient at gsum + gpos[u] (bad[u]: skip it). Writes the refused rows and
+// the first refusing table into st[1], st[2].
+template <typename T>
+void update_unique(const int64_t* urow, const int64_t* utab, const int64_t* gpos, const T* gsum,
+                   const uint8_t* bad, int64_t U, const int64_t* t_woff, const int64_t* t_roff,
+                   const int64_t* t_dims, int64_t max_d, at::Tensor& weights, at::Tensor& dual,
+                   at::TensorList states, at::Tensor& seen, const at::Tensor& hp,
+                   at::Tensor& counts, at::TensorList index, int64_t rule, bool rowwise,
+                   bool exact, Scratch<T>& S, int64_t* st) {
+  Work<T> w{};
+  w.w_off = t_woff;
+  w.row_off = t_roff;
+  w.dims = t_dims;
+  w.W = weights.data_ptr<T>();
+  w.Du = dual.data_ptr<T>();
+  w.n_states = static_cast<int>(states.size());
+  TORCH_CHECK(w.n_states == n_states_of(static_cast<Rule>(rule)), "state count of the rule");
+  for (int k = 0; k < w.n_states; ++k) {
+    w.S[k] = states[k].data_ptr<T>();
+    w.srw[k] = rowwise && state_rowwise(static_cast<Rule>(rule), k);
+  }
+  w.seen = seen.data_ptr<uint8_t>();
+  w.counts = counts.data_ptr<int64_t>();
+  w.H = hp.data_ptr<double>();
+  w.ix = make_index(index);
+  w.urow = urow;
+  w.utab = utab;
+  w.gpos = gpos;
+  w.gsum = gsum;
+  w.bad = bad;
+  w.U = U;
+  if (S.buf.size() < static_cast<size_t>(max_d) * 7) S.buf.resize(static_cast<size_t>(max_d) * 7);
+  w.scratch = S.buf.data();
+  for (int64_t u = 0; u < std::min<int64_t>(U, kPrefetch); ++u) w.prefetch(u);
+  for (int64_t u0 = 0; u0 < U;) {
+    const int64_t t = utab[u0];
+    int64_t u1 = u0 + 1;
+    while (u1 < U && utab[u1] == t) ++u1;
+    pick<T>(static_cast<Rule>(rule), rowwise, exact, t_dims[t])(w, t, u0, u1);
+    u0 = u1;
+  }
+  st[1] = w.refused;
+  if (w.refused_table >= 0 && st[2] < 0) st[2] = w.refused_table;
+}
+
 template <typename T>
 at::Tensor backward_impl(const at::Tensor& grad_out, const at::Tensor& indices,
                          const at::Tensor& offsets, const c10::optional<at::Tensor>& psw,
@@ -416,8 +563,8 @@ at::Tensor backward_impl(const at::Tensor& grad_out, const at::Tensor& indices,
                          const at::Tensor& w_off, const at::Tensor& row_off, const at::Tensor& dims,
                          const at::Tensor& rows, at::Tensor weights, at::Tensor dual,
                          at::TensorList states, at::Tensor seen, const at::Tensor& hp,
-                         at::Tensor counts, int64_t rule, bool rowwise, bool exact,
-                         bool mean_pool, bool skip_nonfinite) {
+                         at::Tensor counts, at::TensorList index, int64_t rule, bool rowwise,
+                         bool exact, bool mean_pool, bool skip_nonfinite) {
   const int64_t F = feature_table.numel();
   const int64_t n_bags = offsets.numel() - 1;
   TORCH_CHECK(F > 0 && n_bags % F == 0, "offsets must have F*B+1 entries");
@@ -532,39 +679,8 @@ at::Tensor backward_impl(const at::Tensor& grad_out, const at::Tensor& indices,
     return status;
   }
   // ---- phase B: per table (its unique rows are contiguous), a loop compiled for it
-  Work<T> w{};
-  w.w_off = t_woff;
-  w.row_off = t_roff;
-  w.dims = t_dims;
-  w.W = weights.data_ptr<T>();
-  w.Du = dual.data_ptr<T>();
-  w.n_states = static_cast<int>(states.size());
-  TORCH_CHECK(w.n_states == n_states_of(static_cast<Rule>(rule)), "state count of the rule");
-  for (int k = 0; k < w.n_states; ++k) {
-    w.S[k] = states[k].data_ptr<T>();
-    w.srw[k] = rowwise && state_rowwise(static_cast<Rule>(rule), k);
-  }
-  w.seen = seen.data_ptr<uint8_t>();
-  w.counts = counts.data_ptr<int64_t>();
-  w.H = hp.data_ptr<double>();
-  w.urow = urow;
-  w.utab = utab;
-  w.gpos = gpos;
-  w.gsum = gsum;
-  w.bad = bad;
-  w.U = U;
-  if (S.buf.size() < static_cast<size_t>(max_d) * 7) S.buf.resize(static_cast<size_t>(max_d) * 7);
-  w.scratch = S.buf.data();
-  for (int64_t u = 0; u < std::min<int64_t>(U, kPrefetch); ++u) w.prefetch(u);
-  for (int64_t u0 = 0; u0 < U;) {
-    const int64_t t = utab[u0];
-    int64_t u1 = u0 + 1;
-    while (u1 < U && utab[u1] == t) ++u1;
-    pick<T>(static_cast<Rule>(rule), rowwise, exact, t_dims[t])(w, t, u0, u1);
-    u0 = u1;
-  }
-  st[1] = w.refused;
-  if (w.refused_table >= 0 && st[2] < 0) st[2] = w.refused_table;
+  update_unique<T>(urow, utab, gpos, gsum, bad, U, t_woff, t_roff, t_dims, max_d, weights, dual,
+                   states, seen, hp, counts, index, rule, rowwise, exact, S, st);
   return status;
 }
 
@@ -575,8 +691,9 @@ at::Tensor group_tbe_backward(const at::Tensor& grad_out, const at::Tensor& indi
                               const at::Tensor& dims, const at::Tensor& rows, at::Tensor weights,
                               at::Tensor dual, at::TensorList states,
                               const at::Tensor& state_rowwise, at::Tensor seen,
-                              const at::Tensor& hp, at::Tensor counts, int64_t rule, bool rowwise,
-                              bool exact, bool mean_pool, bool skip_nonfinite) {
+                              const at::Tensor& hp, at::Tensor counts, at::TensorList index,
+                              int64_t rule, bool rowwise, bool exact, bool mean_pool,
+                              bool skip_nonfinite) {
   (void)state_rowwise;  // the layout follows from the rule and `rowwise`
   TORCH_CHECK(grad_out.is_contiguous() && weights.is_contiguous() && dual.is_contiguous(),
               "contiguous tensors expected");
@@ -585,13 +702,155 @@ at::Tensor group_tbe_backward(const at::Tensor& grad_out, const at::Tensor& indi
   TORCH_CHECK(rule >= SGD && rule <= AMSGRAD, "unknown rule ", rule);
   if (weights.scalar_type() == at::kFloat) {
     return backward_impl<float>(grad_out, indices, offsets, psw, feature_table, feature_col, w_off,
-                                row_off, dims, rows, weights, dual, states, seen, hp, counts, rule,
-                                rowwise, exact, mean_pool, skip_nonfinite);
+                                row_off, dims, rows, weights, dual, states, seen, hp, counts, index,
+                                rule, rowwise, exact, mean_pool, skip_nonfinite);
   }
   TORCH_CHECK(weights.scalar_type() == at::kDouble, "float32 or float64 tables expected");
   return backward_impl<double>(grad_out, indices, offsets, psw, feature_table, feature_col, w_off,
-                               row_off, dims, rows, weights, dual, states, seen, hp, counts, rule,
-                               rowwise, exact, mean_pool, skip_nonfinite);
+                               row_off, dims, rows, weights, dual, states, seen, hp, counts, index,
+                               rule, rowwise, exact, mean_pool, skip_nonfinite);
+}
+
+// The prox re-applied to the seen kernel rows `rows` (sorted) with the current hyperparameters
+// `hp`: phase B with a zero gradient, which for SGD and Adagrad leaves every moment as it is
+// (m = 0, the squares' sum unchanged), so that the step is exactly reprox (z recovered from the
+// carried dual, the prox, the dual carried again); counts and index follow as in an update.
+// Returns [0, refused rows, table, 0]. O(len(rows) x D).
+template <typename T>
+at::Tensor reprox_impl(const at::Tensor& rows, const at::Tensor& w_off, const at::Tensor& row_off,
+                       const at::Tensor& dims, const at::Tensor& trows, at::Tensor weights,
+                       at::Tensor dual, at::TensorList states, at::Tensor seen,
+                       const at::Tensor& hp, at::Tensor counts, at::TensorList index,
+                       int64_t rule, bool rowwise, bool exact) {
+  TORCH_CHECK(rule == SGD || rule == ADAGRAD,
+              "reprox: a zero-gradient step is the prox alone only for SGD and Adagrad");
+  const int64_t* t_woff = w_off.data_ptr<int64_t>();
+  const int64_t* t_roff = row_off.data_ptr<int64_t>();
+  const int64_t* t_dims = dims.data_ptr<int64_t>();
+  const int64_t* t_rows = trows.data_ptr<int64_t>();
+  const int64_t n_tables = dims.numel();
+  int64_t max_d = 1;
+  for (int64_t t = 0; t < n_tables; ++t) max_d = std::max(max_d, t_dims[t]);
+  std::vector<int64_t> by_row(n_tables);
+  for (int64_t t = 0; t < n_tables; ++t) by_row[t] = t;
+  std::sort(by_row.begin(), by_row.end(),
+            [&](int64_t a, int64_t b) { return t_roff[a] < t_roff[b]; });
+  at::Tensor status = at::zeros({4}, at::kLong);
+  int64_t* st = status.data_ptr<int64_t>();
+  st[2] = -1;
+  thread_local Scratch<T> scratch_tls;
+  Scratch<T>& S = scratch_tls;
+  const int64_t U = rows.numel();
+  S.reserve(U);
+  const int64_t* r = rows.data_ptr<int64_t>();
+  int64_t* urow = S.urow.data();
+  int64_t* utab = S.utab.data();
+  int64_t* gpos = S.gpos.data();
+  uint8_t* bad = S.bad.data();
+  int64_t cursor = 0;
+  for (int64_t u = 0; u < U; ++u) {
+    TORCH_CHECK(u == 0 || r[u] > r[u - 1], "reprox: rows must be sorted and unique");
+    while (cursor + 1 < n_tables && t_roff[by_row[cursor + 1]] <= r[u]) ++cursor;
+    const int64_t t = by_row[cursor];
+    TORCH_CHECK(r[u] >= t_roff[t] && r[u] < t_roff[t] + t_rows[t], "reprox: row out of range");
+    urow[u] = r[u];
+    utab[u] = t;
+    gpos[u] = 0;  // every row reads the same zero gradient
+    bad[u] = 0;
+  }
+  if (S.gsum.size() < static_cast<size_t>(max_d)) S.gsum.resize(static_cast<size_t>(max_d));
+  std::fill(S.gsum.begin(), S.gsum.begin() + max_d, T(0));
+  update_unique<T>(urow, utab, gpos, S.gsum.data(), bad, U, t_woff, t_roff, t_dims, max_d,
+                   weights, dual, states, seen, hp, counts, index, rule, rowwise, exact, S, st);
+  return status;
+}
+
+at::Tensor group_tbe_reprox(const at::Tensor& rows, const at::Tensor& w_off,
+                            const at::Tensor& row_off, const at::Tensor& dims,
+                            const at::Tensor& trows, at::Tensor weights, at::Tensor dual,
+                            at::TensorList states, at::Tensor seen, const at::Tensor& hp,
+                            at::Tensor counts, at::TensorList index, int64_t rule, bool rowwise,
+                            bool exact) {
+  TORCH_CHECK(weights.is_contiguous() && dual.is_contiguous(), "contiguous tensors expected");
+  TORCH_CHECK(hp.scalar_type() == at::kDouble && hp.size(1) == NCOL, "hp must be double [T, ",
+              static_cast<int64_t>(NCOL), "]");
+  if (weights.scalar_type() == at::kFloat)
+    return reprox_impl<float>(rows, w_off, row_off, dims, trows, weights, dual, states, seen, hp,
+                              counts, index, rule, rowwise, exact);
+  TORCH_CHECK(weights.scalar_type() == at::kDouble, "float32 or float64 tables expected");
+  return reprox_impl<double>(rows, w_off, row_off, dims, trows, weights, dual, states, seen, hp,
+                             counts, index, rule, rowwise, exact);
+}
+
+// Relink rows[i] (local table tables[i]) into the bucket of values[i], writing the value to the
+// index's shrink array: O(len(rows)). The index entry point of every writer but the native update.
+void shrink_index_relink(const at::Tensor& rows, const at::Tensor& tables,
+                         const at::Tensor& values, at::TensorList index) {
+  const Index ix = make_index(index);
+  TORCH_CHECK(ix.u != nullptr, "an index is needed");
+  const int64_t n = rows.numel();
+  TORCH_CHECK(tables.numel() == n && values.numel() == n, "rows, tables, values: same length");
+  const int64_t* r = rows.data_ptr<int64_t>();
+  const int64_t* t = tables.data_ptr<int64_t>();
+  const float* v = values.data_ptr<float>();
+  for (int64_t i = 0; i < n; ++i) ix.relink(r[i], t[i], v[i]);
+}
+
+// The rows linked into buckets [lo, hi] of table t whose value u lies in (a, b], for every row
+// (t, lo, hi) of `ranges` ([K, 3] int64) and (a, b) of `bounds` ([K, 2] float64), concatenated:
+// O(rows of the buckets walked); the values filter in the walk, so only the rows asked for
+// come back.
+at::Tensor shrink_index_rows(const at::Tensor& ranges, const at::Tensor& bounds,
+                             at::TensorList index) {
+  const Index ix = make_index(index);
+  TORCH_CHECK(ix.u != nullptr, "an index is needed");
+  const int64_t K = ranges.size(0);
+  TORCH_CHECK(bounds.numel() == 2 * K, "bounds: [K, 2]");
+  const int64_t* q = ranges.data_ptr<int64_t>();
+  const double* lim = bounds.data_ptr<double>();
+  int64_t total = 0;
+  for (int64_t k = 0; k < K; ++k)
+    for (int64_t b = std::max<int64_t>(q[3 * k + 1], 0);
+         b <= std::min<int64_t>(q[3 * k + 2], kBuckets - 1); ++b)
+      total += ix.hist[q[3 * k] * kBuckets + b];
+  at::Tensor out = at::empty({total}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  int64_t m = 0, walked = 0;
+  for (int64_t k = 0; k < K; ++k) {
+    const double a = lim[2 * k], z = lim[2 * k + 1];
+    for (int64_t b = std::max<int64_t>(q[3 * k + 1], 0);
+         b <= std::min<int64_t>(q[3 * k + 2], kBuckets - 1); ++b) {
+      const int64_t expect = walked + ix.hist[q[3 * k] * kBuckets + b];
+      ix.walk(q[3 * k], b, [&](int32_t r) {
+        if (walked++ >= expect) return;  // a list longer than its count: reported below
+        const double v = ix.u[r];
+        if (v > a && v <= z) o[m++] = r;
+      });
+      TORCH_CHECK(walked == expect, "shrink index: a bucket's lists disagree with its count");
+    }
+  }
+  TORCH_CHECK(walked == total, "shrink index: a list is shorter than its count");
+  return out.narrow(0, 0, m).clone();
+}
+
+// The values of the rows in bucket b of table t, as a count per float32 value: out[j] counts the
+// rows whose u has the bit pattern (b << kShift) + 1 + j (u <= 0, in bucket 0, counts as j = 0).
+// int64 [1 << kShift]; O(rows of the bucket).
+at::Tensor shrink_index_patterns(int64_t t, int64_t b, at::TensorList index) {
+  const Index ix = make_index(index);
+  TORCH_CHECK(ix.u != nullptr, "an index is needed");
+  TORCH_CHECK(b >= 0 && b < kBuckets, "bucket out of range");
+  constexpr int64_t P = int64_t(1) << kShift;
+  at::Tensor out = at::zeros({P}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  const uint32_t base = (static_cast<uint32_t>(b) << kShift) + 1u;
+  ix.walk(t, b, [&](int32_t r) {
+    const float v = ix.u[r];
+    uint32_t bits = 0;
+    if (v > 0.0f) std::memcpy(&bits, &v, 4);
+    ++o[bits >= base ? std::min<int64_t>(bits - base, P - 1) : 0];
+  });
+  return out;
 }
 
 // A zero-filled CPU tensor in 2 MiB-aligned memory advised for transparent huge pages: the
@@ -621,12 +880,23 @@ TORCH_LIBRARY(lightning_sgl, m) {
       "group_tbe_backward(Tensor grad_out, Tensor indices, Tensor offsets, Tensor? "
       "per_sample_weights, Tensor feature_table, Tensor feature_col, Tensor w_off, Tensor "
       "row_off, Tensor dims, Tensor rows, Tensor(a!) weights, Tensor(b!) dual, Tensor(c!)[] "
-      "states, Tensor state_rowwise, Tensor(d!) seen, Tensor hp, Tensor(e!) counts, int rule, "
-      "bool rowwise, bool exact, bool mean_pool, bool skip_nonfinite) -> Tensor");
+      "states, Tensor state_rowwise, Tensor(d!) seen, Tensor hp, Tensor(e!) counts, Tensor(f!)[] "
+      "index, int rule, bool rowwise, bool exact, bool mean_pool, bool skip_nonfinite) -> Tensor");
+  m.def(
+      "group_tbe_reprox(Tensor rows, Tensor w_off, Tensor row_off, Tensor dims, Tensor rows_per_table, "
+      "Tensor(a!) weights, Tensor(b!) dual, Tensor(c!)[] states, Tensor(d!) seen, Tensor hp, "
+      "Tensor(e!) counts, Tensor(f!)[] index, int rule, bool rowwise, bool exact) -> Tensor");
+  m.def("shrink_index_relink(Tensor rows, Tensor tables, Tensor values, Tensor(a!)[] index) -> ()");
+  m.def("shrink_index_rows(Tensor ranges, Tensor bounds, Tensor[] index) -> Tensor");
+  m.def("shrink_index_patterns(int table, int bucket, Tensor[] index) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lightning_sgl, CPU, m) {
   m.impl("group_tbe_backward", &group_tbe_backward);
+  m.impl("group_tbe_reprox", &group_tbe_reprox);
+  m.impl("shrink_index_relink", &shrink_index_relink);
+  m.impl("shrink_index_rows", &shrink_index_rows);
+  m.impl("shrink_index_patterns", &shrink_index_patterns);
 }
 
 TORCH_LIBRARY_IMPL(lightning_sgl, CompositeExplicitAutograd, m) {

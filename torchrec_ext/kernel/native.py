@@ -120,13 +120,30 @@ def hp_matrix(optimizer: str, table_hp: list[dict], widths: list[int], step: flo
 
 
 def backward(grad_out, indices, offsets, per_sample_weights, feature_table, feature_col,
-             tables, weights, dual, states, state_rowwise, seen, hp, counts, *, rule: str,
+             tables, weights, dual, states, state_rowwise, seen, hp, counts, index, *, rule: str,
              rowwise: bool, exact: bool, mean: bool, skip: bool) -> torch.Tensor:
     """One native update; returns ``[status, refused rows, table, non-finite input rows]``
     (status 0: done; 1: a non-finite gradient was refused, nothing modified; 2: an id out of
-    range, nothing modified)."""
+    range, nothing modified). ``index``: the shrink-norm index's tensors (``ShrinkIndex.tensors``;
+    empty: none) -- every written row's shrink norm is stored and relinked."""
     w_off, row_off, dims, rows = tables
     return torch.ops.lightning_sgl.group_tbe_backward(
         grad_out, indices, offsets, per_sample_weights, feature_table, feature_col, w_off,
         row_off, dims, rows, weights, dual, list(states), state_rowwise, seen, hp, counts,
-        RULE_IDS[rule], rowwise, exact, mean, skip)
+        list(index), RULE_IDS[rule], rowwise, exact, mean, skip)
+
+
+#: rules whose update with a zero gradient leaves every moment unchanged: for them that update is
+#: exactly the prox re-applied (``group_tbe_reprox``)
+REPROX_RULES = ("sgd", "adagrad")
+
+
+def reprox(rows, tables, weights, dual, states, seen, hp, counts, index, *, rule: str,
+           rowwise: bool, exact: bool) -> torch.Tensor:
+    """The prox re-applied natively to the sorted, seen kernel rows ``rows`` (a zero-gradient
+    update, exact for :data:`REPROX_RULES`); counts and index follow. Returns ``[0, refused
+    rows, table, 0]``."""
+    w_off, row_off, dims, n_rows = tables
+    return torch.ops.lightning_sgl.group_tbe_reprox(
+        rows, w_off, row_off, dims, n_rows, weights, dual, list(states), seen, hp, counts,
+        list(index), RULE_IDS[rule], rowwise, exact)

@@ -24,9 +24,11 @@ from torch import Tensor
 
 from lightning_sgl.optim.functional import reprox_rows_, row_group_norms, support_rows
 
+from . import native
 from .layout import Segment, TableLayout
 
-__all__ = ["ColumnReducer", "row_tables", "table_deltas", "FeatureCounts"]
+__all__ = ["ColumnReducer", "row_tables", "table_deltas", "FeatureCounts", "shrink_values",
+           "consistent_values"]
 
 
 def row_tables(n: int, inv: Tensor, index_tables: Tensor) -> Tensor:
@@ -137,13 +139,18 @@ class FeatureCounts:
     @torch.no_grad()
     def recount(self, nonzero: dict[int, Tensor] | None = None) -> None:
         """Rebuild from the buffers; ``nonzero`` may give, per local table, row flags already
-        combined over column shards (else this shard's own columns decide)."""
-        for i in range(len(self.kernel.layout.tables)):
-            seen, nz = self.local_flags(i)
+        combined over column shards (else this shard's own columns decide). O(rows held) for
+        the ``seen`` flags and O(rows seen x d) for the values (unseen rows are not read)."""
+        k, layout = self.kernel, self.kernel.layout
+        for i in range(len(layout.tables)):
+            seen = layout.table_view(k.seen, i, rowwise=True).bool()
+            rows = seen.nonzero().view(-1)  # only the seen rows' values are read: O(rows seen x d)
             if nonzero is not None and i in nonzero:
-                nz = nonzero[i]
-            self.counts[i, 0] = int(seen.sum())
-            self.counts[i, 1] = int((seen & nz).sum())
+                nz = nonzero[i].index_select(0, rows)
+            else:
+                nz = layout.table_view(k.weights, i).index_select(0, rows).ne(0).any(dim=1)
+            self.counts[i, 0] = rows.numel()
+            self.counts[i, 1] = int(nz.sum())
         self._valid = True
         self._pending = None
         self._stamp = self._versions()
@@ -184,17 +191,76 @@ def reducer(kernel, seg: Segment, tables: Tensor) -> ColumnReducer | None:
     return ColumnReducer(kernel.layout, seg, tables, kernel.column_groups, kernel.weights.dtype)
 
 
+def shrink_values(kernel, norms: Tensor, tables: Tensor) -> Tensor:
+    """What the shrink-norm index stores for rows of local tables ``tables`` with group norms
+    ``norms``: ``norm / sqrt(d)`` (``d`` the table's full width), float32."""
+    full = torch.tensor([float(t.full_dim) ** 0.5 for t in kernel.layout.tables],
+                        dtype=norms.dtype, device=norms.device)
+    return (norms.reshape(-1) / full[tables]).to(torch.float32)
+
+
+def consistent_values(values: Tensor, nonzero: Tensor, lambda21) -> Tensor:
+    """The values the index stores (``consistent_u`` of the native kernel): each row's ``u``
+    moved, where the prox's own ``norm <= sqrt(d) * lambda21`` test rounded the other way (only
+    ever for ``u`` within a float32 step of ``lambda21``), to the nearest float32 on the side
+    of ``lambda21`` that matches the row's zero / non-zero state -- so that the index's count
+    above ``lambda21`` is the feature count. ``lambda21``: a float or per-row ``[n, 1]``."""
+    lam = torch.as_tensor(lambda21, dtype=torch.float64, device=values.device).reshape(-1)
+    lam = lam.expand(values.numel()) if lam.numel() == 1 else lam
+    below = lam.to(torch.float32)
+    below = torch.where(below.double() > lam, torch.nextafter(below, torch.tensor(-float("inf"))),
+                        below)
+    above = torch.nextafter(below, torch.tensor(float("inf")))
+    v = values.reshape(-1)
+    over = v.double() > lam
+    nz = nonzero.reshape(-1).to(v.device)
+    return torch.where(nz, torch.where(over, v, above), torch.where(over, below, v))
+
+
+def _segment_rows(kernel, seg: Segment, selected: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The seen rows of ``seg`` (``selected``: only those of these kernel rows, sorted)."""
+    if selected is None:
+        return seen_rows(kernel, seg)
+    sel = selected.to(kernel.seen.device)
+    sel = sel[(sel >= seg.row_start) & (sel < seg.row_start + seg.rows)] - seg.row_start
+    rows = sel[kernel.layout.segment_view(kernel.seen, seg, rowwise=True).view(-1)
+               .index_select(0, sel).bool()]
+    return rows, kernel.layout.segment_row_tables(seg, rows)
+
+
 @torch.no_grad()
-def reapply_prox(kernel) -> None:
-    """The proximal step with the current hyperparameters on every seen row -- of a table with a
-    fixed support, on its support rows only (``support_rows``) -- counts updated from the rows'
-    before/after state. O(S); collective for column-sharded tables."""
+def store_shrink_norms(kernel) -> None:
+    """Recompute the stored shrink norm of every seen row from the tables' state (the index
+    rebuild after an outside write), consistent with the rows' zero / non-zero state
+    (:func:`consistent_values`; a column-sharded table's rows as computed). O(S); collective for
+    column-sharded tables."""
+    hp = kernel.current_hyperparameters()
+    for seg, rows, tables, norms in _seen_norms(kernel):
+        values = shrink_values(kernel, norms, tables)
+        if not seg.column_tables:
+            x = kernel.layout.segment_view(kernel.weights, seg)
+            values = consistent_values(values, x.index_select(0, rows).ne(0).any(dim=1),
+                                       kernel.row_hyperparameters(hp, tables)["lambda21"])
+        kernel.shrink.index_copy_(0, rows + seg.row_start, values)
+
+
+@torch.no_grad()
+def reapply_prox(kernel, selected: Tensor | None = None) -> None:
+    """The proximal step with the current hyperparameters on every seen row (``selected``:
+    on those of these kernel rows) -- of a table with a fixed support, on its support rows only
+    (``support_rows``) -- counts updated from the rows' before/after state, their shrink norms
+    stored and relinked in the index. O(rows re-applied); collective for column-sharded tables
+    (``selected`` must then be the same rows on every shard)."""
     step = max(float(kernel.step.item()), 1.0)
     hp = kernel.current_hyperparameters()
+    if kernel.engine() == "native" and kernel.optimizer in native.REPROX_RULES:
+        _native_reprox(kernel, selected, step, hp)
+        return
     fixed_tables = kernel.fixed_table_mask()
     kernel.feature_counts_state.begin()
+    kernel.shrink_index.begin()
     for seg in kernel.layout.segments:
-        rows, tables = seen_rows(kernel, seg)
+        rows, tables = _segment_rows(kernel, seg, selected)
         red = reducer(kernel, seg, tables)
         x, dual, states = segment_state(kernel, seg)
         was_nz = x.index_select(0, rows).ne(0).any(dim=1)
@@ -204,8 +270,12 @@ def reapply_prox(kernel) -> None:
             keep = ~fixed_tables[tables] | support_rows(was_nz.unsqueeze(1))
             rows, tables, was_nz = rows[keep], tables[keep], was_nz[keep]
             red = reducer(kernel, seg, tables)
+        row_hp = kernel.row_hyperparameters(hp, tables)
+        norms = row_group_norms(x, dual, states, rows, rule=kernel.rule, step=step, hp=row_hp,
+                                exact=kernel.exact, reduce_sum=None if red is None else red.sum,
+                                compiled=_compiled_rows(kernel, rows, red))
         refused = reprox_rows_(x, dual, states, rows, rule=kernel.rule, step=step,
-                               hp=kernel.row_hyperparameters(hp, tables), exact=kernel.exact,
+                               hp=row_hp, exact=kernel.exact,
                                group_size=None if red is None else red.group_size,
                                reduce_sum=None if red is None else red.sum,
                                compiled=_compiled_rows(kernel, rows, red))
@@ -215,15 +285,35 @@ def reapply_prox(kernel) -> None:
         ones = torch.ones_like(was_nz)
         kernel.feature_counts_state.add(table_deltas(len(kernel.layout.tables), tables, ~refused,
                                                      ones, was_nz, now_nz))
+        kernel.shrink_index.relink(rows + seg.row_start, tables, consistent_values(
+            shrink_values(kernel, norms, tables), now_nz, row_hp["lambda21"]))
     kernel.feature_counts_state.end()
+    kernel.shrink_index.end()
 
 
-@torch.no_grad()
-def shrink_norms(kernel) -> dict[str, Tensor]:
-    """Per table: the shrink norms of its seen rows (see ``GroupTBE.shrink_norms``)."""
+def _native_reprox(kernel, selected: Tensor | None, step: float, hp: dict) -> None:
+    """:func:`reapply_prox` on the native engine (CPU, no column shards, a rule of
+    ``native.REPROX_RULES``): one C++ pass over the rows, the update's own row loop with a zero
+    gradient (``tests/torchrec/test_kernel.py`` compares it with the eager re-application).
+    O(rows x dim)."""
+    rows = kernel.seen.nonzero().view(-1) if selected is None else selected.to(torch.long)
+    if selected is not None and rows.numel():
+        rows = torch.unique(rows)
+        rows = rows[kernel.seen.index_select(0, rows).bool()]
+    if not rows.numel():
+        return
+    native.reprox(  # a row whose result would not be finite keeps its values, as in the eager path
+        rows.contiguous(), kernel.layout.native_tables, kernel.weights, kernel.dual,
+        [getattr(kernel, n) for n in kernel.state_names], kernel.seen,
+        kernel.native_hp(hp).at(step), kernel.feature_counts_state.counts,
+        kernel.shrink_index.tensors(), rule=kernel.optimizer, rowwise=kernel.rowwise,
+        exact=kernel.exact)
+
+
+def _seen_norms(kernel):
+    """Per segment: ``(segment, seen rows, their tables, their shrink norms [S, 1])``."""
     step = max(float(kernel.step.item()), 1.0)
     hp = kernel.current_hyperparameters()
-    out: dict[str, list] = {}
     for seg in kernel.layout.segments:
         rows, tables = seen_rows(kernel, seg)
         red = reducer(kernel, seg, tables)
@@ -232,6 +322,14 @@ def shrink_norms(kernel) -> dict[str, Tensor]:
                                 hp=kernel.row_hyperparameters(hp, tables), exact=kernel.exact,
                                 reduce_sum=None if red is None else red.sum,
                                 compiled=_compiled_rows(kernel, rows, red))
+        yield seg, rows, tables, norms
+
+
+@torch.no_grad()
+def shrink_norms(kernel) -> dict[str, Tensor]:
+    """Per table: the shrink norms of its seen rows (see ``GroupTBE.shrink_norms``)."""
+    out: dict[str, list] = {}
+    for seg, _, tables, norms in _seen_norms(kernel):
         _by_table(kernel, seg, tables, norms.view(-1), out)
     return {k: torch.cat(v) for k, v in out.items()}
 
@@ -290,7 +388,7 @@ def sync_column_shards(kernel) -> None:
     """Copy row-wise state and ``seen`` from each column-sharded table's column-offset-0 shard
     to its other shards (a checkpoint load fills only the owner's copy). Collective."""
     layout = kernel.layout
-    rowwise_names = [n for n in kernel.state_names if kernel.is_rowwise(n)] + ["seen"]
+    rowwise_names = [n for n in kernel.state_names if kernel.is_rowwise(n)] + ["seen", "shrink"]
     names = sorted({t.name for t in layout.tables if t.column_sharded})
     for name in names:
         local = [i for i, t in enumerate(layout.tables) if t.name == name]

@@ -26,11 +26,15 @@ from lightning_sgl.optim.functional import (
 
 from . import native, rows
 from .forward import fbgemm_applies, fbgemm_pool, plan_pool
+from .index import BUCKETS, LANES, SHIFT, ShrinkIndex, bucket_of
 from .layout import TableLayout, TableSpec
 from .plan import check_ids, check_offsets, make_plan
 from .update import eager_update, native_update, warn_once
 
-__all__ = ["GroupTBE", "COMPILE_MIN_WEIGHTS", "OVERRIDABLE"]
+__all__ = ["GroupTBE", "COMPILE_MIN_WEIGHTS", "OVERRIDABLE", "REAPPLY_MARGIN"]
+
+#: relative widening of the (old, new] lambda21 interval of :meth:`GroupTBE.reapply_prox_between`
+REAPPLY_MARGIN = 1e-5
 
 #: on CUDA, ``compiled=None`` compiles the update of kernels with at least this many weights
 COMPILE_MIN_WEIGHTS = 1 << 20
@@ -131,8 +135,11 @@ class GroupTBE(nn.Module):
         self.register_buffer("step", torch.zeros(1, dtype=torch.float64, device=device))
         #: 1 byte per row: the row was seen in a training batch
         self.register_buffer("seen", native.table_buffer(n_rows, torch.uint8, device))
+        #: 4 bytes per row: the row's shrink norm / sqrt(d) at its last write (see .index)
+        self.register_buffer("shrink", native.table_buffer(n_rows, torch.float32, device))
         self._dummy = torch.zeros((), requires_grad=True, device=device)
         self.feature_counts_state = rows.FeatureCounts(self)
+        self.shrink_index = ShrinkIndex(self)
         self._cache: dict = {}
 
     # ------------------------------------------------------------------ layout helpers
@@ -311,6 +318,10 @@ class GroupTBE(nn.Module):
         """The ``seen`` flags (uint8) of local table ``i``, a view of the kernel buffer."""
         return self.layout.table_view(self.seen, i, rowwise=True)
 
+    def row_shrink_view(self, i: int) -> Tensor:
+        """The stored shrink norms / sqrt(d) (float32) of local table ``i``, a view."""
+        return self.layout.table_view(self.shrink, i, rowwise=True)
+
     def sync_column_shards(self) -> None:
         """Copy row-wise state and ``seen`` from each column-sharded table's column-offset-0 shard
         to its other shards (after a checkpoint load). Collective."""
@@ -390,8 +401,10 @@ class GroupTBE(nn.Module):
     def invalidate_counts(self) -> None:
         """Mark the feature counts stale (the next read recounts, O(rows)): call after writing
         the tables or ``seen`` flags by other means than this kernel (every load path of the
-        TorchRec glue and of ``TorchRecStrategy`` does)."""
+        TorchRec glue and of ``TorchRecStrategy`` does). The shrink-norm index is rebuilt too,
+        from the ``shrink`` values loaded with the tables."""
         self.feature_counts_state.invalidate()
+        self.shrink_index.invalidate(recompute=False)
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
@@ -437,6 +450,58 @@ class GroupTBE(nn.Module):
         collective for column-sharded tables: call it on every rank."""
         rows.reapply_prox(self)
 
+    def reapply_prox_between(self, bounds: dict[str, tuple[float, float]]) -> int:
+        """After ``lambda21`` of table ``t`` moved from ``bounds[t][0]`` to ``bounds[t][1]``:
+        re-apply the prox to the rows whose zero/non-zero state that changes -- the seen rows
+        whose stored shrink norm / sqrt(d) ``u`` lies in ``(min, max]`` of the two values
+        (widened by a relative :data:`REAPPLY_MARGIN` on both sides, so that rounding between
+        the stored ``u`` and the kernel's own ``norm <= sqrt(d) * lambda21`` test cannot leave
+        a row out) -- found through the shrink-norm index. Every other row is zero under both
+        values or non-zero under both and keeps its values (the new ``lambda21`` reaches its
+        magnitude at its next update). Returns the number of rows re-applied.
+
+        Cost: O(rows of the buckets spanned + rows re-applied x dim) with the native index (no
+        pass over the other rows); collective for column-sharded tables (every shard stores
+        the same ``u``, so it finds the same rows), and then called on every shard even when
+        no row changes."""
+        self.shrink_index.ensure()
+        parts = []
+        for i, t in enumerate(self.tables):
+            if t.name not in bounds:
+                continue
+            a, b = sorted(float(v) for v in bounds[t.name])
+            if a == b:
+                continue
+            a, b = a * (1.0 - REAPPLY_MARGIN), b * (1.0 + REAPPLY_MARGIN)
+            lo, hi = (int(v) for v in bucket_of(torch.tensor([a, b])))
+            parts.append(((i, lo, hi), (a, b)))
+        selected = self.shrink_index.rows_in([r for r, _ in parts], [v for _, v in parts])
+        if selected.numel() or any(t.column_sharded for t in self.tables):
+            rows.reapply_prox(self, selected)
+        return int(selected.numel())
+
+    def shrink_histograms(self) -> dict[str, Tensor]:
+        """Per table (a column-sharded one reported by its column-offset-0 shard): int64
+        ``[BUCKETS]``, its seen rows per shrink-norm bucket (:mod:`.index`). O(tables x buckets)
+        with the native index (rebuilt first if stale: O(rows), collective for CW)."""
+        self.shrink_index.ensure()
+        out: dict[str, Tensor] = {}
+        for i, t in enumerate(self.tables):
+            if t.col_offset == 0:
+                h = self.shrink_index.histogram(i)
+                out[t.name] = out[t.name] + h if t.name in out else h.clone()
+        return out
+
+    def shrink_value_counts(self, name: str, bucket: int) -> Tensor:
+        """int64 ``[2**SHIFT]``: table ``name``'s seen rows (its column-offset-0 shards) per
+        float32 value of ``bucket`` (see :meth:`.index.ShrinkIndex.value_counts`). O(rows of the
+        bucket) with the native index."""
+        out = torch.zeros(1 << SHIFT, dtype=torch.int64)
+        for i, t in enumerate(self.tables):
+            if t.name == name and t.col_offset == 0:
+                out += self.shrink_index.value_counts(i, bucket)
+        return out
+
     def shrink_norms(self) -> dict[str, Tensor]:
         """Per table: the shrink norms of its seen rows (``group_norms``; a row is zero after
         ``reapply_prox`` iff its norm <= sqrt(d) * lambda21, d the table's full width). A
@@ -463,7 +528,8 @@ class GroupTBE(nn.Module):
         ``rows x cols``) and the ``seen`` flags (1 byte per row). Pure arithmetic, O(states);
         the TorchRec planner's storage estimate uses it (:mod:`torchrec_ext.planner`).
 
-        Returns ``{"weights", "dual", <state names>..., "seen"}``."""
+        Returns ``{"weights", "dual", <state names>..., "seen", "shrink"}`` and, with the native
+        extension, ``"shrink_index"`` (the bucket lists of :mod:`.index`)."""
         spec = get_spec(optimizer)
         if rowwise and not spec.rowwise_ok:
             raise ValueError(f"Invalid rowwise: True (optimizer {optimizer!r} has no second moment)")
@@ -472,6 +538,9 @@ class GroupTBE(nn.Module):
         for name in spec.rule.state_names:
             out[name] = (rows if spec.state_is_rowwise(name, rowwise) else rows * cols) * es
         out["seen"] = rows
+        out["shrink"] = 4 * rows
+        if native.available():  # the shrink-norm index's bucket lists (.index), host memory
+            out["shrink_index"] = 12 * rows + (8 + 4 * LANES) * BUCKETS
         return out
 
     def state_bytes_per_row(self) -> dict[str, float]:
@@ -482,8 +551,10 @@ class GroupTBE(nn.Module):
         return {"state": state / n_rows, "bookkeeping": self.seen.element_size()}
 
     def allocated_bytes(self) -> int:
-        """Bytes of every buffer of the kernel: weights, dual, states, seen, step."""
-        return sum(b.numel() * b.element_size() for b in self.buffers())
+        """Bytes of every buffer of the kernel (weights, dual, states, seen, shrink, step) and of
+        its shrink-norm index."""
+        index = sum(t.numel() * t.element_size() for t in self.shrink_index.tensors()[1:])
+        return sum(b.numel() * b.element_size() for b in self.buffers()) + index
 
 
 class _GroupLookup(torch.autograd.Function):

@@ -35,11 +35,16 @@ except ImportError:  # pragma: no cover - exercised by the torch-only import tes
 import torch
 from torch import Tensor
 
-from lightning_sgl.optim.functional import NonFiniteGradientError, accumulate_rows_, support_rows
+from lightning_sgl.optim.functional import (
+    NonFiniteGradientError,
+    accumulate_rows_,
+    row_group_norms,
+    support_rows,
+)
 
 from . import native
 from .plan import LookupPlan, bag_scale
-from .rows import ColumnReducer, row_tables, table_deltas
+from .rows import ColumnReducer, consistent_values, row_tables, shrink_values, table_deltas
 
 __all__ = ["unique_rows", "native_update", "eager_update", "warn_once"]
 
@@ -90,8 +95,8 @@ def native_update(kernel, indices: Tensor, offsets: Tensor, grad_out: Tensor,
         grad_out.to(kernel.weights.dtype).contiguous(), indices, offsets, psw, st["ftm"],
         st["fcol"], kernel.layout.native_tables, kernel.weights, kernel.dual,
         [getattr(kernel, n) for n in kernel.state_names], st["rowwise"], kernel.seen, matrix,
-        kernel.feature_counts_state.counts, rule=kernel.optimizer, rowwise=kernel.rowwise,
-        exact=kernel.exact, mean=kernel.pooling == "mean", skip=kernel.nonfinite == "skip")
+        kernel.feature_counts_state.counts, kernel.shrink_index.tensors(), rule=kernel.optimizer,
+        rowwise=kernel.rowwise, exact=kernel.exact, mean=kernel.pooling == "mean", skip=kernel.nonfinite == "skip")
     code, refused, table, _ = status.tolist()
     name = kernel.layout.tables[table].name if table >= 0 else "?"
     if code == 1:
@@ -214,6 +219,8 @@ def _fix_support(kernel, seg, red, item: list, fixed_tables: Tensor, was_seen: T
         x, _, seen, *_ = kernel.update_views(seg)
         x.index_fill_(0, uniq[new], 0.0)
         seen.index_fill_(0, uniq[new], 1)
+        kernel.shrink_index.relink(uniq[new] + seg.row_start, tables[new],
+                                   torch.zeros(int(new.sum())))
         none = torch.zeros_like(new)
         kernel.feature_counts_state.add(table_deltas(len(kernel.layout.tables), tables, new,
                                                      none, none, none))
@@ -237,6 +244,7 @@ def eager_update(kernel, plan: LookupPlan, grad_out: Tensor,
     step = float(kernel.step.item())
     n_tables = len(layout.tables)
     kernel.feature_counts_state.begin()
+    kernel.shrink_index.begin()
     refused_rows, refused_tables = 0, set()
     fixed_tables = kernel.fixed_table_mask()
     for item in work:
@@ -264,10 +272,15 @@ def eager_update(kernel, plan: LookupPlan, grad_out: Tensor,
             was_nz, now_nz = both[:, 0], both[:, 1]
         kernel.feature_counts_state.add(table_deltas(n_tables, tables, ~refused, was_seen,
                                                      was_nz, now_nz))
+        norms = row_group_norms(x, dual, states, uniq, rule=kernel.rule, step=step, hp=seg_hp,
+                                exact=kernel.exact, reduce_sum=None if red is None else red.sum)
+        kernel.shrink_index.relink(uniq + seg.row_start, tables, consistent_values(
+            shrink_values(kernel, norms, tables), now_nz, seg_hp["lambda21"]))
         if bool(refused.any()):
             refused_rows += int(refused.sum())
             refused_tables |= {layout.tables[int(t)].name for t in tables[refused]}
     kernel.feature_counts_state.end()
+    kernel.shrink_index.end()
     if refused_rows and kernel.nonfinite == "raise":
         _raise_overflow(refused_rows, list(refused_tables))
     return grad_w
