@@ -16,7 +16,8 @@ from .kernel import GroupTBE
 from .sharder import ShardedGroupEmbeddingBagCollection
 
 __all__ = ["group_modules", "feature_counts", "shrink_norms", "all_group_kernels",
-           "seen_row_weight_norms", "prune_seen_rows", "plan_tables", "plan_table_layouts"]
+           "seen_row_weight_norms", "prune_seen_rows", "plan_tables", "plan_table_layouts",
+           "shrink_histograms", "shrink_value_counts", "reapply_prox_between"]
 
 _COLUMN = ("column_wise", "table_column_wise")
 
@@ -171,3 +172,77 @@ def prune_seen_rows(module: nn.Module, thresholds: dict[str, float]) -> None:
                  if len(mods) == 1 or n.startswith(path + ".")}
         for k in sharded.group_kernels():
             k.prune_seen_rows(local)
+
+
+# --------------------------------------------------------------------------- shrink-norm index
+def _ensure_indexes(module: nn.Module, pg=None) -> list:
+    """Every kernel's shrink-norm index up to date. With a column-sharded table in the plan the
+    rebuild is decided over all ranks (one tiny all-reduce, so that the column-shard reductions
+    of a recompute line up); without, each rank rebuilds its own (no collective). Returns
+    ``group_modules(module)``. O(tables); a rebuild is O(rows), once after an outside write."""
+    mods = group_modules(module)
+    kernels = [k for _, m in mods for k in m.group_kernels()]
+    if not any(ps.sharding_type in _COLUMN for _, m in mods
+               for ps in m.module_sharding_plan.values()):  # the plan: the same on every rank
+        for k in kernels:
+            k.shrink_index.ensure()
+        return mods
+    flags = torch.tensor([[float(k.shrink_index.stale()), float(k.shrink_index.needs_recompute())]
+                          for k in kernels] or [[0.0, 0.0]]).amax(0)
+    if dist.is_initialized() and dist.get_world_size(pg) > 1:
+        flags = flags.to(_pg_device(pg))
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=pg)
+        flags = flags.cpu()
+    for k in kernels:
+        k.shrink_index.ensure(recompute=bool(flags[1]))
+    return mods
+
+
+@torch.no_grad()
+def shrink_histograms(module: nn.Module, pg=None) -> dict[str, Tensor]:
+    """Per table of the plan: int64 ``[BUCKETS]``, this rank's seen rows per shrink-norm bucket
+    (:mod:`torchrec_ext.kernel.index`; a column-sharded row counted by one shard). O(tables x
+    buckets) with the native index; collective with a column-sharded table in the plan (the
+    rebuild decision)."""
+    from .kernel.index import BUCKETS
+
+    mods = _ensure_indexes(module, pg)
+    out = {k: torch.zeros(BUCKETS, dtype=torch.int64) for k in plan_tables(module)}
+    for path, sharded in mods:
+        key = _keyed(mods, path)
+        for k in sharded.group_kernels():
+            for name, h in k.shrink_histograms().items():
+                out[key(name)] += h.cpu()
+    return out
+
+
+@torch.no_grad()
+def shrink_value_counts(module: nn.Module, buckets: dict[str, int]) -> dict[str, Tensor]:
+    """Per table ``t`` of ``buckets``: this rank's seen rows per float32 value of shrink-norm
+    bucket ``buckets[t]`` (int64 ``[2**SHIFT]``, :meth:`GroupTBE.shrink_value_counts`).
+    O(rows of those buckets) with the native index; no collective."""
+    from .kernel.index import SHIFT
+
+    out = {k: torch.zeros(1 << SHIFT, dtype=torch.int64) for k in buckets}
+    mods = group_modules(module)
+    for path, sharded in mods:
+        key = _keyed(mods, path)
+        for k in sharded.group_kernels():
+            for name in {t.name for t in k.tables}:
+                if key(name) in buckets:
+                    out[key(name)] += k.shrink_value_counts(name, buckets[key(name)])
+    return out
+
+
+@torch.no_grad()
+def reapply_prox_between(module: nn.Module, bounds: dict[str, tuple[float, float]]) -> int:
+    """:meth:`GroupTBE.reapply_prox_between` on every kernel (``bounds``: table key -> (old,
+    new) lambda21). Returns the rows re-applied on this rank. Collective for CW."""
+    mods = group_modules(module)
+    touched = 0
+    for path, sharded in mods:
+        local = {n.rsplit(".", 1)[-1] if len(mods) > 1 else n: v for n, v in bounds.items()
+                 if len(mods) == 1 or n.startswith(path + ".")}
+        for k in sharded.group_kernels():
+            touched += k.reapply_prox_between(local)
+    return touched

@@ -21,12 +21,13 @@ two passes of bucketing, O(bins x groups) for the histograms.
 from __future__ import annotations
 
 import math
+import struct
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
-__all__ = ["thresholds", "Collectives"]
+__all__ = ["thresholds", "histogram_thresholds", "Collectives"]
 
 #: thresholds are never below this (a lambda21 of exactly 0 would switch the group lasso off)
 FLOOR = 1e-12
@@ -179,3 +180,90 @@ def thresholds(groups: list[Tensor], keeps: list[int], allreduce: Collectives,
         out.append(max(floor, 0.5 * (below + above)))
     return out
 
+
+
+def _pattern(x: float) -> int:
+    """The float32 bit pattern of ``x`` as an unsigned integer."""
+    return struct.unpack("<I", struct.pack("<f", x))[0]
+
+
+def _from_pattern(p: int) -> float:
+    return struct.unpack("<f", struct.pack("<I", int(p)))[0]
+
+
+def histogram_thresholds(hists: list[Tensor], keeps: list[int], counts: Callable[[int, int], Tensor],
+                         allreduce: Collectives, edge: Callable[[int], float],
+                         floor: float = FLOOR, bins: int = 256,
+                         above: list[int] | None = None) -> list[float]:
+    """:func:`thresholds` from histograms kept by the kernels instead of a pass over all values.
+
+    Group ``i`` has this rank's counts ``hists[i]`` per bucket, bucket ``b`` holding the float32
+    values in ``(edge(b), edge(b + 1)]`` (every bucket the same number ``P`` of float32 values;
+    e.g. the kernels' shrink-norm index, :mod:`torchrec_ext.kernel.index`); ``counts(i, b)``
+    returns this rank's count of each of those ``P`` values in group ``i`` (``[P]``, in
+    increasing order; values ``<= 0`` counted as the first). The threshold is exact -- the same
+    count above it as sorting all values would give (see :func:`thresholds`) -- in four SUM
+    all-reduces of at most ``bins`` counts per group, whatever the number of values or ranks:
+
+    1. the histograms summed over groups of consecutive buckets (``bins`` groups);
+    2. the buckets of the group that holds the ``(keep+1)``-th largest value ``v*`` -> its bucket;
+    3. that bucket's value counts summed over ``bins`` runs of consecutive values -> the run;
+    4. the counts of that run's values one by one -> ``v*`` itself.
+
+    ``t`` is the midpoint (float64) of ``v*`` and the next larger value when that lies in the
+    same run, else of ``v*`` and the first value after the run (every larger value is at least
+    that large), so that rounding in the kernel's own ``norm <= sqrt(d) * lambda21`` test cannot
+    move a row across it; ties at ``v*`` all fall below; ``floor`` when at most ``keep`` values
+    exceed ``floor``.
+
+    ``above`` (a list, filled if given): per group, how many values (over all ranks) lie above
+    the threshold returned -- known from the histograms, no collective.
+
+    Cost per rank: O(groups x buckets) for the sums, and ``counts`` of one bucket per group;
+    4 collectives.
+    """
+    g = len(hists)
+    if g == 0:
+        return []
+    h = torch.stack([x.to(torch.float64).reshape(-1) for x in hists])
+    f = -(-h.shape[1] // bins)  # buckets per group of level 1
+    h = torch.nn.functional.pad(h, (0, bins * f - h.shape[1]))
+    keep = torch.tensor(keeps, dtype=torch.float64)
+    zero = torch.zeros(g, dtype=torch.float64)
+    # 1-2. the bucket that holds v*
+    coarse = allreduce(h.view(g, bins, f).sum(2), "sum")
+    done = coarse.sum(1) <= keep
+    c1, above1 = _cross(coarse, zero, keep)
+    fine = allreduce(torch.stack([h[i, int(c) * f: (int(c) + 1) * f]
+                                  for i, c in enumerate(c1.tolist())]), "sum")
+    j1, above2 = _cross(fine, above1, keep)
+    buckets = [int(c) * f + int(j) for c, j in zip(c1.tolist(), j1.tolist())]
+    # 3-4. the value v* inside it
+    n_values = _pattern(edge(1)) - _pattern(edge(0))
+    w = -(-n_values // bins)  # values per run of level 3
+    cnt = torch.zeros(g, bins * w, dtype=torch.float64)
+    for i in range(g):
+        if not bool(done[i]):
+            got = counts(i, buckets[i]).to(torch.float64).reshape(-1)
+            if got.numel() != n_values:
+                raise ValueError(f"Invalid counts: {got.numel()} values per bucket, the edges "
+                                 f"give {n_values}")
+            cnt[i, :n_values] = got
+    runs = allreduce(cnt.view(g, bins, w).sum(2), "sum")
+    c3, above3 = _cross(runs, above2, keep)
+    one = allreduce(torch.stack([cnt[i, int(c) * w: (int(c) + 1) * w]
+                                 for i, c in enumerate(c3.tolist())]), "sum")
+    j4, above4 = _cross(one, above3, keep)
+    out = []
+    for i in range(g):
+        if above is not None:
+            above.append(int(coarse[i].sum().item()) if bool(done[i]) else int(above4[i].item()))
+        if bool(done[i]):
+            out.append(floor)
+            continue
+        first = _pattern(edge(buckets[i])) + 1 + int(c3[i]) * w  # the run's first value
+        star = first + int(j4[i])  # v*
+        larger = one[i, int(j4[i]) + 1:].nonzero()
+        nxt = star + 1 + int(larger[0]) if larger.numel() else first + w
+        out.append(max(floor, 0.5 * (_from_pattern(star) + _from_pattern(nxt))))
+    return out

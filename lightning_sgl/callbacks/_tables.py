@@ -7,6 +7,11 @@ from :func:`~lightning_sgl.group_optimizers`). Both give, per table:
 - ``counts()``: exact ``(rows seen, seen rows non-zero)`` over all ranks (collective);
 - ``norms()``: local shrink norms of seen rows (each row on one rank) and the group width;
 - ``set_lambda21(values)`` / ``lambda21()`` and ``reapply()`` (re-run the prox on seen rows);
+- TorchRec tables only (the kernels keep a shrink-norm index, :mod:`torchrec_ext.kernel.index`):
+  ``histograms()`` (local per-table bucket counts of the shrink norms / sqrt(d), O(tables x
+  buckets)), ``bucket_counts(buckets)`` (the local count of each float32 value of one bucket
+  per table) and ``reapply_between(bounds)`` (the prox re-applied to the rows between an old
+  and a new ``lambda21``, O(rows of the buckets walked));
 - ``fix_support()``: the refit -- the support fixed, ``lambda1 = lambda21 = 0`` (O(tables));
   ``scale_dual(f)``: the stored duals times ``f`` (O(rows held), once per refit).
 """
@@ -60,6 +65,21 @@ class TorchRecTables:
     def reapply(self) -> None:
         for k in self.kernels:
             k.reapply_prox()
+
+    def histograms(self) -> dict[str, Tensor]:
+        return self._fr.shrink_histograms(self.module)
+
+    def bucket_counts(self, buckets: dict[str, int]) -> dict[str, Tensor]:
+        return self._fr.shrink_value_counts(self.module, buckets)
+
+    def reapply_between(self, bounds: dict[str, tuple[float, float]]) -> int:
+        return self._fr.reapply_prox_between(self.module, bounds)
+
+    @staticmethod
+    def bucket_edge(b: int) -> float:
+        from torchrec_ext.kernel.index import edge
+
+        return edge(b)
 
     def fix_support(self) -> None:
         for k in self.kernels:

@@ -7,12 +7,17 @@ Tuning. After a proximal step, a seen row is zero iff its *shrink norm* (``||s||
 ``||A^{-1/2} s||`` with ``exact_group_norm``; it does not depend on ``lambda21``) is
 ``<= sqrt(d) * lambda21``. Every ``tune_every_n_steps`` steps the monitor therefore chooses the
 ``lambda21`` for which the number of seen rows with a larger norm equals ``target x rows seen``
--- an exact order statistic of the norms, found from a two-level histogram in five all-reduces
-whatever the number of rows, tables or ranks (:mod:`._quantile`; identical on every rank) --
-sets it, and re-applies the prox to all seen rows, so the rate is on target at once, also for
-rows the batches do not touch. Between tunings training moves the norms a little (touched rows
-can revive, newly seen rows join); the next tuning corrects it, and every epoch ends with a
-tuning.
+-- an exact order statistic of the norms (identical on every rank) -- and sets it. Fused
+(TorchRec) tables keep a shrink-norm index (:mod:`torchrec_ext.kernel.index`): the threshold
+comes from the kernels' histograms (the bucket of the order statistic, then the exact value from
+that bucket's rows; 4 all-reduces, :func:`._quantile.histogram_thresholds`) and the prox is
+re-applied only to the rows whose norm lies between the old and the new threshold -- the rows
+whose zero / non-zero state changes -- so the rate is on target at once, and a kept row takes the
+new value's shrinkage at its next update; cost O(tables x buckets + rows that change), not
+O(rows). Plain tables take the full pass (every seen row's norm, :func:`._quantile.thresholds`
+in 5 all-reduces, the prox re-applied to every seen row). Between tunings training moves the
+norms a little (touched rows can revive, newly seen rows join); the next tuning corrects it, and
+every epoch ends with a tuning.
 
 Schedule. With ``schedule_share > 0`` the target is not forced from the first tuning, when the
 norms are still noise: it ramps from 1.0 to the final target over that share of the training
@@ -66,7 +71,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..factory import GROUP_LASSO_MARK
-from ._quantile import FLOOR, Collectives, thresholds
+from ._quantile import FLOOR, Collectives, histogram_thresholds, thresholds
 from ._tables import allreduce_cpu, tables_of
 
 __all__ = ["SparsityMonitor", "bisect_threshold", "feature_rates", "global_threshold",
@@ -203,6 +208,28 @@ def bisect_threshold(count: Callable[[float], float], target: float, hi: float,
 
 def _allreduce(t: torch.Tensor, op: str) -> torch.Tensor:
     return allreduce_cpu(t, dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
+
+
+def _kept(keeps: dict, counts: dict[str, tuple[int, int]]) -> dict:
+    """The non-zero rows of ``counts`` as ``keeps`` counts them: per targeted table, or in all
+    tables (key ``None``) for a global target."""
+    if None in keeps:
+        return {None: sum(z for _, z in counts.values())}
+    return {n: counts[n][1] for n in keeps}
+
+
+def _on_target(keeps: dict, counts: dict[str, tuple[int, int]], lam: dict[str, float]) -> bool:
+    """Whether exactly the rows to keep are non-zero already, so that a new search would land in
+    the same gap between two norms (``keeps``: rows to keep per table, or ``{None: rows}`` for
+    a global target, which also needs one common ``lambda21``). A target that keeps every seen
+    row does not count: the search would move ``lambda21`` to the floor. O(tables)."""
+    if None in keeps:
+        values = {lam.get(n) for n in counts}
+        seen = sum(s for s, _ in counts.values())
+        return (len(values) == 1 and None not in values and not math.isnan(values.pop())
+                and keeps[None] < seen and sum(z for _, z in counts.values()) == keeps[None])
+    return all(n in lam and not math.isnan(lam[n]) and k < counts[n][0] and counts[n][1] == k
+               for n, k in keeps.items())
 
 
 def table_thresholds(local: dict[str, tuple[torch.Tensor, float]], keeps: dict[str, int],
@@ -362,6 +389,8 @@ class SparsityMonitor(Callback):
         self._history_seen = 0
         #: figures of the last tuning (collectives of the threshold search, rows seen)
         self.last_tuning: dict[str, int] = {}
+        #: what the last threshold search asked for and left (``keeps``, ``nonzero`` per table)
+        self.searched: dict | None = None
         self.plot_path: str | None = None
         self._tables = None
 
@@ -474,40 +503,132 @@ class SparsityMonitor(Callback):
 
     # ------------------------------------------------------------------ tuning
     def _tune(self, step: int) -> None:
-        """Set the ``lambda21`` that meets the target and re-apply the prox to the seen rows.
+        """Set the ``lambda21`` that meets the target and re-apply the prox where it changes.
 
-        Cost per rank: the shrink norms of the seen rows (O(rows seen x dim)), two bucketing
-        passes over them and the prox re-application (O(rows seen x dim)); collectives: the
-        counts (1 all-reduce) and the thresholds (5 all-reduces, all tables together), plus one
-        norm all-reduce per column-sharded table. ``last_tuning`` records the figures.
+        Cost per rank, fused tables: O(tables x buckets) for the histograms, one walk of one
+        bucket per table for the exact value, and the prox on the rows whose stored norm lies
+        between the old and the new threshold (O(rows of the buckets walked + those rows x
+        dim)); collectives: the counts, 4 for the threshold (all tables together), plus, with
+        column-sharded tables, the index's rebuild decision and one norm all-reduce per such
+        table in the re-application. Plain tables: the shrink norms and the prox
+        re-application of every seen row (O(rows seen x dim)), 5 collectives for the
+        threshold. ``last_tuning`` records the figures (``threshold_collectives``,
+        ``rows_reapplied``, ``skipped``).
 
-        Skipped in O(tables) (the counts' all-reduce only) while the target keeps every seen row
-        (1.0: before the ramp, or a budget that holds every row), every seen row is non-zero
-        and every ``lambda21`` is already at the floor the search would return: the search and
-        the re-application would change nothing."""
+        Skipped in O(tables) when the search and the re-application would change nothing:
+        with no collective at all while the target keeps every row (before the ramp) and
+        every ``lambda21`` is the floor this monitor set; with the counts' all-reduce only
+        while the target keeps every seen row, every seen row is non-zero and every
+        ``lambda21`` is already at the floor; when the exact counts are on target already --
+        exactly the rows to keep are non-zero (per table, or in all with one common
+        ``lambda21`` for a global target), so the threshold the search would return lies in
+        the same gap between two norms as the one set and zeroes the same rows; and when
+        nothing changed since the last search (the same rows to keep, its ``lambda21`` still
+        set, exactly the non-zero counts it left)."""
         tables = self._tables
         coll = Collectives(_allreduce)
+        skipped = {"threshold_collectives": 0, "skipped": 1, "rows_reapplied": 0}
+        if self.target_bytes is None and self._keeps_all_at_floor(self.current_target(step)):
+            self.last_tuning = skipped  # no collective at all
+            return
         counts = tables.counts()
         target = self.current_target(step, counts)
+        skipped["rows_seen"] = sum(s for s, _ in counts.values())
         if self._keeps_everything(target, counts):
-            self.last_tuning = {"threshold_collectives": 0, "skipped": 1,
-                                "rows_seen": sum(s for s, _ in counts.values())}
+            self.last_tuning = skipped
             return
-        scaled = {k: (v, math.sqrt(d)) for k, (v, d) in tables.norms().items()}
         if isinstance(target, dict):
             # the floor of an exact budget share stays in the budget; rates round to nearest
             rnd = math.floor if self.target_bytes is not None else round
-            keeps = {n: rnd(target[n] * counts[n][0] + 1e-9) for n in scaled if n in target}
-            new = {**self.lambda21, **table_thresholds(
-                {n: scaled[n] for n in keeps}, keeps, collectives=coll)}
+            keeps = {n: rnd(target[n] * counts[n][0] + 1e-9) for n in counts if n in target}
         else:
-            goal = round(target * sum(s for s, _ in counts.values()))
-            new = dict.fromkeys(scaled, global_threshold(scaled, goal, collectives=coll))
-        tables.set_lambda21(new)
-        tables.reapply()
+            keeps = {None: round(target * sum(s for s, _ in counts.values()))}
+        old = tables.lambda21()
+        if _on_target(keeps, counts, old) or self._as_searched(keeps, counts, old):
+            self.last_tuning = skipped
+            return
+        if hasattr(tables, "histograms"):  # fused tables: the kernels' shrink-norm index
+            new, left = self._indexed_thresholds(tables, keeps, coll)
+            # the rows' zero / non-zero state was decided under the value now set (or the one
+            # this monitor last set, if someone else changed it since): the span of all of them
+            bounds = {}
+            for n, v in new.items():
+                span = [x for x in (old.get(n), self.lambda21.get(n), v)
+                        if x is not None and not math.isnan(x)]
+                bounds[n] = (min(span), max(span))
+            tables.set_lambda21(new)
+            reapplied = tables.reapply_between(bounds)
+        else:
+            scaled = {k: (v, math.sqrt(d)) for k, (v, d) in tables.norms().items()}
+            if None in keeps:
+                new = dict.fromkeys(scaled, global_threshold(scaled, keeps[None],
+                                                             collectives=coll))
+            else:
+                new = table_thresholds({n: scaled[n] for n in keeps}, keeps, collectives=coll)
+            tables.set_lambda21(new)
+            tables.reapply()
+            reapplied = sum(s for s, _ in counts.values())
+            left = _kept(keeps, tables.counts())  # plain tables: local counts, no collective
         self.lambda21 = tables.lambda21()
+        # what this search left (the count above each new threshold): a later tuning that
+        # finds the same skips
+        self.searched = {"keeps": [[n, k] for n, k in keeps.items()],
+                         "nonzero": [[n, z] for n, z in left.items()]}
         self.last_tuning = {"threshold_collectives": coll.count,
-                            "rows_seen": sum(s for s, _ in counts.values())}
+                            "rows_seen": sum(s for s, _ in counts.values()),
+                            "rows_reapplied": reapplied}
+
+    @staticmethod
+    def _indexed_thresholds(tables, keeps: dict, coll: Collectives
+                            ) -> tuple[dict[str, float], dict]:
+        """``lambda21`` per table from the kernels' shrink-norm histograms (``keeps``: rows to
+        keep per table, or ``{None: rows}`` over all tables with one common value), and the rows
+        above each new value (keyed as ``keeps``): the bucket that holds the order statistic
+        from the all-reduced histograms, then the exact value from that bucket's value counts
+        (:func:`._quantile.histogram_thresholds`: 4 collectives). O(tables x buckets) plus one
+        walk of one bucket per table."""
+        hists = tables.histograms()
+        above: list[int] = []
+        if None in keeps:
+            names = sorted(hists)
+            merged = sum((hists[n] for n in names), torch.zeros_like(next(iter(hists.values()))))
+
+            def counts(i: int, b: int) -> torch.Tensor:
+                got = tables.bucket_counts(dict.fromkeys(names, b))
+                return sum(got[n] for n in names)
+
+            (t,) = histogram_thresholds([merged], [keeps[None]], counts, coll, tables.bucket_edge,
+                                        above=above)
+            return dict.fromkeys(names, t), {None: above[0]}
+        names = sorted(keeps)
+        ts = histogram_thresholds(
+            [hists[n] for n in names], [keeps[n] for n in names],
+            lambda i, b: tables.bucket_counts({names[i]: b})[names[i]], coll, tables.bucket_edge,
+            above=above)
+        return dict(zip(names, ts)), {n: above[i] for i, n in enumerate(names)}
+
+    def _as_searched(self, keeps: dict, counts: dict[str, tuple[int, int]],
+                     lam: dict[str, float]) -> bool:
+        """Whether the last search asked for the same rows to keep, the tables hold the
+        ``lambda21`` it set and exactly the non-zero rows it left (per targeted table, or in
+        all for a global target): a new search would return the same answer up to ties at the
+        cut (which keep the count a few rows below the target at production sizes, so that the
+        exact-hit test alone would search every time). O(tables)."""
+        last = self.searched
+        return (last is not None and [[n, k] for n, k in keeps.items()] == last["keeps"]
+                and [[n, z] for n, z in _kept(keeps, counts).items()] == last["nonzero"]
+                and lam == self.lambda21)
+
+    def _keeps_all_at_floor(self, target) -> bool:
+        """Without any collective: the target keeps every row (1.0 for every table) and every
+        ``lambda21`` is the floor this monitor set. A search would return the floor again and
+        the re-application between the floor and itself touches no row (a plain table's full
+        re-application at the floor changes a row only after an outside write). O(tables)."""
+        rates = target.values() if isinstance(target, dict) else [target]
+        covered = not isinstance(target, dict) or set(self._tables.names) <= set(target)
+        return (covered and all(r >= 1.0 for r in rates) and bool(self.lambda21)
+                and all(v <= FLOOR for v in self.lambda21.values())
+                and self._tables.lambda21() == self.lambda21)
 
     def _keeps_everything(self, target, counts: dict[str, tuple[int, int]]) -> bool:
         """Whether a tuning now would keep every seen row with the lambda21 already set."""
@@ -622,10 +743,11 @@ class SparsityMonitor(Callback):
                 "schedule": self.schedule, "schedule_share": self.schedule_share,
                 "refit_share": self.refit_share, "refit_relax": self.refit_relax,
                 "refit_start": self.refit_start,
-                "refitting": self.refitting}
+                "refitting": self.refitting, "searched": self.searched}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.lambda21 = dict(state_dict.get("lambda21", {}))
+        self.searched = state_dict.get("searched")
         self.history = [tuple(h) for h in state_dict.get("history", [])]
         self.history_stride = int(state_dict.get("history_stride", 1))
         self._history_seen = int(state_dict.get("history_seen", len(self.history)))

@@ -246,9 +246,12 @@ class _StubTables:
 
 
 def test_tuning_that_keeps_every_row_is_skipped():
-    """Before the ramp (target 1.0), with every seen row non-zero and lambda21 at the floor, a
-    tuning costs the counts only (no norms, no search, no re-application); a zero seen row, or
-    a lambda21 above the floor, makes it run (negative controls)."""
+    """Before the ramp (target 1.0) with lambda21 at the floor this monitor set, a tuning costs
+    nothing, not even the counts' collective (a search would return the floor again and the
+    re-application from the floor to itself touches no row -- also with a zero seen row); a
+    lambda21 above the floor (also one changed behind the monitor's back) makes it run, and
+    with every seen row non-zero but a lambda21 above the floor the search sets the floor
+    (negative controls)."""
     from lightning_sgl import SparsityMonitor
 
     def monitor(counts, lam):
@@ -258,10 +261,13 @@ def test_tuning_that_keeps_every_row_is_skipped():
         m.ramp_steps, m.ramp_start, m.refit_start = 20, 60, 90
         return m
 
-    m = monitor({"a": (10, 10), "b": (5, 5)}, {"a": 1e-12, "b": 1e-12})
-    m._tune(10)
-    assert m._tables.norm_calls == 0 and m.last_tuning["skipped"] == 1
+    for counts in ({"a": (10, 10), "b": (5, 5)}, {"a": (10, 9), "b": (5, 5)}):
+        m = monitor(counts, {"a": 1e-12, "b": 1e-12})
+        m._tables.counts = None  # a call would fail: no counts, no collective
+        m._tune(10)
+        assert m._tables.norm_calls == 0 and m.last_tuning["skipped"] == 1
     m = monitor({"a": (10, 9), "b": (5, 5)}, {"a": 1e-12, "b": 1e-12})
+    m._tables.lam["a"] = 1e-3  # changed outside the monitor
     m._tune(10)
     assert m._tables.norm_calls == 1 and "skipped" not in m.last_tuning
     m = monitor({"a": (10, 10), "b": (5, 5)}, {"a": 1e-3, "b": 1e-12})

@@ -10,7 +10,7 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_sgl.callbacks._quantile import FLOOR, Collectives, thresholds
+from lightning_sgl.callbacks._quantile import FLOOR, Collectives, histogram_thresholds, thresholds
 from lightning_sgl.callbacks.sparsity_monitor import global_threshold, table_thresholds
 
 from ..torchrec.dist_helpers import spawn
@@ -49,6 +49,64 @@ def value_sets(draw):
         v = torch.rand(n, generator=gen, dtype=torch.float64).clamp_min(1e-9) ** -2.0
     keep = draw(st.integers(0, n + 2))
     return v.float().double(), keep
+
+
+def _by_histogram(groups: list[torch.Tensor], keeps: list[int], coll) -> list[float]:
+    """``histogram_thresholds`` over the kernels' own bucketing (float32 values, as stored; the
+    counts per value of a bucket from the bit patterns, as the index's native op returns them)."""
+    from torchrec_ext.kernel.index import BUCKETS, SHIFT, bucket_of, edge
+
+    buckets = [bucket_of(v) for v in groups]
+    hists = [torch.bincount(b, minlength=BUCKETS) for b in buckets]
+
+    def counts(i: int, b: int) -> torch.Tensor:
+        v = groups[i][buckets[i] == b].float()
+        bits = torch.where(v > 0, v.view(torch.int32).long(), torch.zeros_like(v, dtype=torch.long))
+        j = (bits - ((b << SHIFT) + 1)).clamp(0, (1 << SHIFT) - 1)
+        return torch.bincount(j, minlength=1 << SHIFT)
+
+    return histogram_thresholds(hists, keeps, counts, coll, edge)
+
+
+@settings(max_examples=200, deadline=None)
+@given(value_sets(), value_sets())
+def test_histogram_threshold_equals_sorting(case, other):
+    """From the index's histograms (bucket, then the float32 patterns inside it): the same count
+    above as sorting; ``t`` strictly between the (keep+1)-th largest value and the next larger
+    one (the rounding margin of the kernel's own test); ``floor`` when nothing needs cutting; 4
+    collectives for both groups together."""
+    (values, keep), (values2, keep2) = case, other
+    coll = Collectives()
+    t, t2 = _by_histogram([values.float(), values2.float()], [keep, keep2], coll)
+    assert coll.count == 4
+    for v, k, th in ((values, keep, t), (values2, keep2, t2)):
+        v = v.float().double()
+        pos = v[v > FLOOR]
+        assert int((pos > th).sum()) <= k
+        if pos.numel() > k:
+            order = pos.sort(descending=True).values
+            assert int((pos > th).sum()) == int((pos > order[k]).sum())
+            assert th > float(order[k]) or th == FLOOR
+            larger = pos[pos > order[k]]
+            assert not larger.numel() or th < float(larger.min())
+        else:
+            assert th == FLOOR
+
+
+def test_histogram_threshold_on_ties_and_adjacent_floats():
+    """Ties at the cut all fall below; two adjacent float32 values are still split (t is their
+    float64 midpoint); zeros (first-seen rows of a refit) count as below every threshold;
+    negative control: a keep that cuts inside the ties keeps fewer rows than asked."""
+    a = torch.tensor(1.0, dtype=torch.float32)
+    b = torch.nextafter(a, torch.tensor(2.0))
+    vals = torch.cat([torch.full((5,), 1.0), b.repeat(3), torch.zeros(4)]).float()
+    coll = Collectives()
+    (t,) = _by_histogram([vals], [3], coll)
+    assert float(a) < t < float(b) and int((vals.double() > t).sum()) == 3
+    (t,) = _by_histogram([vals], [6], Collectives())  # the cut falls inside the five ties
+    assert int((vals.double() > t).sum()) == 3 and t < float(b)
+    (t,) = _by_histogram([vals], [8], Collectives())  # everything positive is kept
+    assert t == FLOOR
 
 
 @settings(max_examples=200, deadline=None)
