@@ -1,18 +1,27 @@
-"""Cost of one SparsityMonitor tuning vs the training it interrupts, at production table sizes.
+"""Cost of the SparsityMonitor's tuning vs the training it interrupts, at production table sizes.
 
     python benchmarks/bench_tuning.py [--sizes 100000 1000000 4000000] [--ranks 1 2]
+                                      [--tunings 10] [--run-steps 5000]
 
 The workload of ``bench_fused.py`` (4 tables x dim 16, batch 512, Poisson(4) Zipf(1.1) ids per
-bag, row-wise GroupAdagrad, one thread per rank). Every row is seen first (a pass over all ids),
-then the monitor's own ``_tune`` (counts, shrink norms, the threshold search, the prox
-re-application) runs on the tables through an adapter with the same face as the monitor's
-TorchRec adapter; on 2 ranks the tables are row-wise split (each rank holds half of every
-table's rows and trains on its own batches) and the collectives go over gloo. Printed per size:
-the time of one tuning, of ``tune_every_n_steps`` (default 10) training steps, the share, the
-share over a run with the monitor's default schedule (tunings run on the ramp only --
-``DEFAULT_SCHEDULE["schedule_share"]`` of the steps: before it a tuning that keeps every row is
-skipped in O(tables), during the refit none runs), and the number of collectives of the
-threshold search.
+bag, row-wise GroupAdagrad, one thread per rank); on 2 ranks the tables are row-wise split (each
+rank holds half of every table's rows and trains on its own batches) and the collectives go over
+gloo. The monitor's own code runs on the kernels through an adapter with the same face as its
+TorchRec adapter. Two measurements per size:
+
+1. **Held target** (the figure per tuning): every row is seen first (a pass over all ids, so
+   the index holds every row), then ``SparsityMonitor(0.2, schedule_share=0)``, the default
+   ``tune_every_n_steps=10``. The first tuning moves lambda21 from its initial value to the
+   target (it re-applies the prox to the ~80% of the rows that become zero: the bulk that a
+   schedule spreads over its ramp) and is reported apart; then ``--tunings`` rounds of 10
+   training steps + one tuning: the mean and the largest tuning, how many searched (the others
+   found the exact counts on target and were skipped in O(tables)), the rows re-applied per
+   tuning, the collectives of a searching tuning, and the share ``tuning / (tuning + 10
+   steps)``.
+2. **Default-settings run** (the share over a whole fit): a fresh kernel, rows seen only by
+   training, ``SparsityMonitor(0.2)`` with the default schedule and refit on a run of
+   ``--run-steps`` steps, the Lightning hook's own decisions (``on_train_batch_end``); the total
+   tuning time (refit start included) over the total training time.
 """
 
 from __future__ import annotations
@@ -33,6 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_sgl.callbacks import SparsityMonitor  # noqa: E402
 from lightning_sgl.callbacks.sparsity_monitor import DEFAULT_SCHEDULE  # noqa: E402
 from torchrec_ext import GroupTBE, TableSpec  # noqa: E402
+from torchrec_ext.kernel.index import edge  # noqa: E402
 
 TABLES, DIM, BATCH = 4, 16, 512
 
@@ -69,6 +79,30 @@ class KernelTables:
     def reapply(self):
         self.kernel.reapply_prox()
 
+    # the shrink-norm index (as the monitor's TorchRec adapter: local values, no collective)
+    def histograms(self):
+        return self.kernel.shrink_histograms()
+
+    def bucket_counts(self, buckets):
+        return {n: self.kernel.shrink_value_counts(n, b) for n, b in buckets.items()}
+
+    def reapply_between(self, bounds):
+        return self.kernel.reapply_prox_between(bounds)
+
+    @staticmethod
+    def bucket_edge(b):
+        return edge(b)
+
+    # the refit (as the monitor's TorchRec adapter)
+    def fix_support(self):
+        self.kernel.set_table_hyperparameters({n: {"lambda1": 0.0, "lambda21": 0.0}
+                                               for n in self.names})
+        self.kernel.set_fixed_support(self.names)
+
+    def scale_dual(self, factor):
+        for st in self.kernel.get_optimizer_state():
+            st["dual"].mul_(factor)
+
 
 def zipf_batch(gen, rows: int):
     lengths = torch.poisson(torch.full((TABLES * BATCH,), 4.0), generator=gen).long()
@@ -79,19 +113,17 @@ def zipf_batch(gen, rows: int):
     return ids, torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
 
 
-def run(rank: int, world: int, port: int, rows: int, out: dict | None):
-    torch.set_num_threads(1)
-    if world > 1:
-        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-        dist.init_process_group("gloo", rank=rank, world_size=world)
-    local_rows = rows // world
+def make_kernel(local_rows: int) -> GroupTBE:
     kernel = GroupTBE([TableSpec(f"t{i}", local_rows, DIM) for i in range(TABLES)],
                       list(range(TABLES)), optimizer="adagrad", rowwise=True,
                       hyperparameters=dict(lr=0.05, eps=1e-8, lambda21=1e-4))
     for w in kernel.split_embedding_weights():
         w.uniform_(-0.01, 0.01)
-    gen = torch.Generator().manual_seed(rank)
-    # see every row once: bags of consecutive ids covering each table
+    return kernel
+
+
+def see_every_row(kernel: GroupTBE, local_rows: int) -> None:
+    """One pass over all ids: bags of consecutive ids covering each table."""
     per = TABLES * BATCH * 8
     for start in range(0, local_rows, per // TABLES):
         ids = torch.cat([torch.arange(start, min(start + per // TABLES, local_rows))
@@ -101,40 +133,104 @@ def run(rank: int, world: int, port: int, rows: int, out: dict | None):
         lengths[::BATCH] = n  # one bag per table holds the whole slice
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         kernel(ids, offsets).sum().backward()
-    batches = [zipf_batch(gen, local_rows) for _ in range(40)]
-    monitor = SparsityMonitor(0.2, schedule_share=0.0)  # a tuning on the target (ramp, refit: off)
+
+
+def monitor_on(kernel: GroupTBE, **kwargs) -> SparsityMonitor:
+    monitor = SparsityMonitor(0.2, **kwargs)
     monitor._tables = KernelTables(kernel)
     monitor.lambda21 = monitor._tables.lambda21()
+    return monitor
+
+
+def timed(world: int, fn, *args) -> float:
+    if world > 1:
+        dist.barrier()  # the ranks start together: the time is the slower rank's
+    t0 = time.perf_counter()
+    fn(*args)
+    return time.perf_counter() - t0
+
+
+def held_target(world: int, local_rows: int, gen, tunings: int) -> dict:
+    """Measurement 1 (module docstring)."""
+    kernel = make_kernel(local_rows)
+    see_every_row(kernel, local_rows)
+    batches = [zipf_batch(gen, local_rows) for _ in range(40)]
+    monitor = monitor_on(kernel, schedule_share=0.0)  # the target at once (ramp, refit: off)
+    every = monitor.tune_every_n_steps
 
     def train(steps):
-        t0 = time.perf_counter()
         for i in range(steps):
             ids, offsets = batches[i % len(batches)]
             kernel(ids, offsets).sum().backward()
-        return time.perf_counter() - t0
 
-    train(10)
-    step_times, tune_times = [], []
-    for i in range(5):  # the median skips the first tunings' compiles of the row services
-        step_times.append(train(monitor.tune_every_n_steps))
-        if world > 1:
-            dist.barrier()
-        t0 = time.perf_counter()
-        monitor._tune((i + 2) * monitor.tune_every_n_steps)
-        tune_times.append(time.perf_counter() - t0)
+    train(every)
+    first = timed(world, monitor._tune, every)
+    first_rows = monitor.last_tuning["rows_reapplied"]
+    step_times, tune_times, reapplied, searched, coll = [], [], [], 0, 0
+    for i in range(tunings):
+        step_times.append(timed(world, train, every))
+        tune_times.append(timed(world, monitor._tune, (i + 2) * every))
+        last = monitor.last_tuning
+        reapplied.append(last["rows_reapplied"])
+        if not last.get("skipped"):
+            searched += 1
+            coll = last["threshold_collectives"]
     counts = monitor._tables.counts()
     seen = sum(s for s, _ in counts.values())
-    rate = sum(z for _, z in counts.values()) / seen
+    return dict(first=first, first_rows=first_rows, train=statistics.mean(step_times),
+                tune=statistics.mean(tune_times), tune_max=max(tune_times), searched=searched,
+                tunings=tunings, collectives=coll, reapplied=statistics.mean(reapplied),
+                rate=sum(z for _, z in counts.values()) / seen)
+
+
+def default_run(world: int, local_rows: int, gen, steps: int) -> dict:
+    """Measurement 2 (module docstring): the hook's own decisions on a default-settings run."""
+    from types import SimpleNamespace
+
+    kernel = make_kernel(local_rows)
+    batches = [zipf_batch(gen, local_rows) for _ in range(40)]
+    monitor = monitor_on(kernel)  # DEFAULT_SCHEDULE: keep all, cubic ramp, refit
+    monitor.log_every_n_steps = 10 * steps  # no logging (no LightningModule here)
+    monitor.ramp_start = int(monitor.schedule_start * steps)
+    monitor.ramp_steps = int(monitor.schedule_share * steps)
+    monitor.refit_start = steps - int(monitor.refit_share * steps)
+    train_s = tune_s = 0.0
+    tunings = 0
+    for step in range(1, steps + 1):
+        ids, offsets = batches[step % len(batches)]
+        train_s += timed(1, lambda i, o: kernel(i, o).sum().backward(), ids, offsets)
+        before = monitor.last_tuning
+        trainer = SimpleNamespace(global_step=step, log_every_n_steps=10 * steps)
+        tune_s += timed(world, monitor.on_train_batch_end, trainer, None, None, None, 0)
+        tunings += monitor.last_tuning is not before
+    counts = monitor._tables.counts()
+    seen = sum(s for s, _ in counts.values())
+    return dict(run_train=train_s, run_tune=tune_s, run_tunings=tunings, run_seen=seen,
+                run_rate=sum(z for _, z in counts.values()) / seen)
+
+
+def run(rank: int, world: int, port: int, rows: int, out: dict | None, tunings: int = 10,
+        run_steps: int = 5000):
+    from lightning.pytorch.utilities.rank_zero import rank_zero_only
+
+    torch.set_num_threads(1)
+    rank_zero_only.rank = rank  # the monitor's messages from rank 0 only
+    if world > 1:
+        os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+        dist.init_process_group("gloo", rank=rank, world_size=world)
+    gen = torch.Generator().manual_seed(rank)
+    got = held_target(world, rows // world, gen, tunings)
+    if run_steps:
+        got.update(default_run(world, rows // world, gen, run_steps))
     if rank == 0 and out is not None:
-        out.update(train=statistics.median(step_times), tune=statistics.median(tune_times),
-                   collectives=monitor.last_tuning["threshold_collectives"], seen=seen, rate=rate)
+        out.update(got)
     if world > 1:
         dist.destroy_process_group()
 
 
-def _spawned(rank, world, port, rows, path):
+def _spawned(rank, world, port, rows, path, tunings, run_steps):
     out = {}
-    run(rank, world, port, rows, out)
+    run(rank, world, port, rows, out, tunings, run_steps)
     if rank == 0:
         torch.save(out, path)
 
@@ -143,18 +239,23 @@ def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     ap.add_argument("--sizes", type=int, nargs="*", default=[100_000, 1_000_000, 4_000_000])
     ap.add_argument("--ranks", type=int, nargs="*", default=[1, 2])
+    ap.add_argument("--tunings", type=int, default=10, help="held-target tunings timed")
+    ap.add_argument("--run-steps", type=int, default=5000,
+                    help="steps of the default-settings run (0: skip it)")
     args = ap.parse_args(argv)
-    print(f"{TABLES} tables x dim {DIM}, batch {BATCH} per rank, row-wise GroupAdagrad, every row "
-          "seen; target feature rate 0.2, tune_every_n_steps=10 (the default)")
-    print("| rows / table | ranks | one tuning ms | 10 training steps ms | tuning share | "
-          "share, default schedule run | threshold collectives | rate after |")
-    print("|---|---|---|---|---|---|---|---|")
-    ramp = DEFAULT_SCHEDULE["schedule_share"]
+    print(f"{TABLES} tables x dim {DIM}, batch {BATCH} per rank, row-wise GroupAdagrad, target "
+          f"feature rate 0.2, tune_every_n_steps=10 (the default). Held target: every row seen, "
+          f"{args.tunings} tunings; run: {args.run_steps} steps, default schedule "
+          f"{DEFAULT_SCHEDULE}")
+    print("| rows / table | ranks | first tuning ms (rows re-applied) | tuning ms, mean / max | "
+          "searched | rows re-applied / tuning | 10 training steps ms | tuning share | "
+          "threshold collectives | rate after | default run: tunings, share | run rate |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     for rows in args.sizes:
         for world in args.ranks:
             if world == 1:
                 out: dict = {}
-                run(0, 1, 0, rows, out)
+                run(0, 1, 0, rows, out, args.tunings, args.run_steps)
             else:
                 import socket
                 import tempfile
@@ -163,13 +264,21 @@ def main(argv=None):
                     s.bind(("127.0.0.1", 0))
                     port = s.getsockname()[1]
                 path = os.path.join(tempfile.mkdtemp(), "out.pt")
-                mp.spawn(_spawned, args=(world, port, rows, path), nprocs=world, join=True)
+                mp.spawn(_spawned, args=(world, port, rows, path, args.tunings, args.run_steps),
+                         nprocs=world, join=True)
                 out = torch.load(path)
             share = out["tune"] / (out["tune"] + out["train"])
-            run_share = ramp * out["tune"] / (ramp * out["tune"] + out["train"])
-            print(f"| {rows:,} | {world} | {out['tune'] * 1e3:.1f} | {out['train'] * 1e3:.1f} | "
-                  f"{share:.0%} | {run_share:.0%} | {out['collectives']} | {out['rate']:.4f} |",
-                  flush=True)
+            line = (f"| {rows:,} | {world} | {out['first'] * 1e3:.0f} ({out['first_rows']:,}) | "
+                    f"{out['tune'] * 1e3:.2f} / {out['tune_max'] * 1e3:.2f} | "
+                    f"{out['searched']}/{out['tunings']} | {out['reapplied']:,.0f} | "
+                    f"{out['train'] * 1e3:.1f} | {share:.1%} | {out['collectives']} | "
+                    f"{out['rate']:.4f} | ")
+            if "run_train" in out:
+                run_share = out["run_tune"] / (out["run_tune"] + out["run_train"])
+                line += f"{out['run_tunings']}, {run_share:.1%} | {out['run_rate']:.4f} |"
+            else:
+                line += "- | - |"
+            print(line, flush=True)
 
 
 if __name__ == "__main__":

@@ -664,6 +664,23 @@ def test_shrink_index_is_kept_by_every_engine(opt, rowwise):
         assert not k.shrink_index.stale()
 
 
+def _trained_alike(configs: list[dict], steps: int) -> list[GroupTBE]:
+    """Kernels on the realistic tables (``lambda21=1e-3``), one per config, with the same
+    initial weights, trained on the same ``steps`` realistic batches."""
+    kernels = [GroupTBE(REAL_TABLES, REAL_FTM, hyperparameters={**HP[c["optimizer"]],
+                                                                "lambda21": 1e-3}, **c)
+               for c in configs]
+    torch.manual_seed(0)
+    init = torch.empty_like(kernels[0].weights, dtype=torch.float64).uniform_(-0.3, 0.3)
+    for k in kernels:
+        k.weights.copy_(init)
+    for indices, offsets, w, target in _realistic_batches(steps):
+        for k in kernels:
+            dt = k.weights.dtype
+            (k(indices, offsets, None if w is None else w.to(dt)) * target.to(dt)).sum().backward()
+    return kernels
+
+
 @pytest.mark.parametrize("engine", ["native", "eager"])
 def test_reapply_between_thresholds_equals_a_full_reapply_on_the_zero_set(engine):
     """A new lambda21 re-applied through the index (only rows whose shrink norm lies between
@@ -672,16 +689,8 @@ def test_reapply_between_thresholds_equals_a_full_reapply_on_the_zero_set(engine
     control: without it the zero set is the old one."""
     if engine == "native" and not native.available():
         pytest.skip("native kernel not built")
-    kernels = [GroupTBE(REAL_TABLES, REAL_FTM, optimizer="adagrad", rowwise=True,
-                        hyperparameters={**HP["adagrad"], "lambda21": 1e-3},
-                        compiled=engine == "native") for _ in range(3)]
-    torch.manual_seed(0)
-    init = torch.empty_like(kernels[0].weights).uniform_(-0.3, 0.3)
-    for k in kernels:
-        k.weights.copy_(init)
-    for indices, offsets, w, target in _realistic_batches(6):
-        for k in kernels:
-            (k(indices, offsets, w) * target).sum().backward()
+    kernels = _trained_alike(
+        [dict(optimizer="adagrad", rowwise=True, compiled=engine == "native")] * 3, steps=6)
     full, between, control = kernels
     u = full.shrink.clone()
     seen = full.seen.bool()
@@ -720,17 +729,8 @@ def test_native_reapply_equals_the_eager_reapply(opt, rowwise, dtype, fixed):
     same zero rows and counts, the values and duals to rounding, the moments unchanged, the index
     kept; with a fixed support (a refit) zero rows stay zero. Negative control: the eager
     kernel's rows did change (the new lambda21 bites), so equality is not trivial."""
-    kernels = [GroupTBE(REAL_TABLES, REAL_FTM, optimizer=opt, rowwise=rowwise, dtype=dtype,
-                        hyperparameters={**HP[opt], "lambda21": 1e-3}, compiled=c)
-               for c in (None, False)]
-    torch.manual_seed(0)
-    init = torch.empty_like(kernels[0].weights).uniform_(-0.3, 0.3)
-    for k in kernels:
-        k.weights.copy_(init)
-    for indices, offsets, w, target in _realistic_batches(5):
-        for k in kernels:
-            psw = None if w is None else w.to(dtype)
-            (k(indices, offsets, psw) * target.to(dtype)).sum().backward()
+    kernels = _trained_alike([dict(optimizer=opt, rowwise=rowwise, dtype=dtype, compiled=c)
+                              for c in (None, False)], steps=5)
     fast, eager = kernels
     assert fast.engine() == "native" and eager.engine() == "eager"
     u = eager.shrink[eager.seen.bool()]

@@ -17,7 +17,11 @@ native extension every bucket also links its rows (:data:`LANES` doubly linked l
 
 Writers: the native update relinks the rows it writes (O(1) each, in the row loop); the eager
 update, the prox re-application and the refit's first-seen rows relink theirs through
-``shrink_index_relink`` (O(rows written)). Anything else that writes the tables (a checkpoint
+``shrink_index_relink`` (O(rows written)). The value stored is ``u`` moved, where the prox's own
+float32 test ``norm <= sqrt(d) * lambda21`` rounded the other way (only ever for ``u`` within a
+float32 step of ``lambda21``), to the float32 on the side of ``lambda21`` that matches the row's
+zero state (``consistent_u`` in C++, :func:`.rows.consistent_values`): the count of seen rows
+with ``u > lambda21`` is then exactly the table's non-zero count. Anything else that writes the tables (a checkpoint
 load, magnitude pruning, a user's ``copy_``) makes the index stale: the version counters of the
 weights, dual, ``seen`` and ``shrink`` buffers catch it (the native update does not move them),
 and the next use rebuilds the index in O(rows) -- from the stored ``shrink`` after a load (it

@@ -247,7 +247,7 @@ def store_shrink_norms(kernel) -> None:
 @torch.no_grad()
 def reapply_prox(kernel, selected: Tensor | None = None) -> None:
     """The proximal step with the current hyperparameters on every seen row (``selected``:
-    on those of these kernel rows) -- of a table with a fixed support, on its support rows only
+    on those of these kernel rows, sorted and unique) -- of a table with a fixed support, on its support rows only
     (``support_rows``) -- counts updated from the rows' before/after state, their shrink norms
     stored and relinked in the index. O(rows re-applied); collective for column-sharded tables
     (``selected`` must then be the same rows on every shard)."""
@@ -297,8 +297,7 @@ def _native_reprox(kernel, selected: Tensor | None, step: float, hp: dict) -> No
     gradient (``tests/torchrec/test_kernel.py`` compares it with the eager re-application).
     O(rows x dim)."""
     rows = kernel.seen.nonzero().view(-1) if selected is None else selected.to(torch.long)
-    if selected is not None and rows.numel():
-        rows = torch.unique(rows)
+    if selected is not None and rows.numel():  # sorted and unique (reapply_prox's contract)
         rows = rows[kernel.seen.index_select(0, rows).bool()]
     if not rows.numel():
         return
