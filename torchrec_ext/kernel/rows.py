@@ -246,11 +246,12 @@ def store_shrink_norms(kernel) -> None:
 
 @torch.no_grad()
 def reapply_prox(kernel, selected: Tensor | None = None) -> None:
-    """The proximal step with the current hyperparameters on every seen row (``selected``:
-    on those of these kernel rows, sorted and unique) -- of a table with a fixed support, on its support rows only
-    (``support_rows``) -- counts updated from the rows' before/after state, their shrink norms
-    stored and relinked in the index. O(rows re-applied); collective for column-sharded tables
-    (``selected`` must then be the same rows on every shard)."""
+    """The proximal step with the current hyperparameters on every seen row (``selected``: on
+    those of these kernel rows, sorted and unique) -- of a table with a fixed support, on its
+    support rows only (``support_rows``) -- counts updated from the rows' before/after state,
+    their shrink norms stored and relinked in the index. Natively for ``native.REPROX_RULES``
+    on the native engine, else eager. O(rows re-applied x d); collective for column-sharded
+    tables (``selected`` must then be the same rows on every shard)."""
     step = max(float(kernel.step.item()), 1.0)
     hp = kernel.current_hyperparameters()
     if kernel.engine() == "native" and kernel.optimizer in native.REPROX_RULES:

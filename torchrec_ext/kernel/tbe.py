@@ -452,7 +452,7 @@ class GroupTBE(nn.Module):
 
     def reapply_prox_between(self, bounds: dict[str, tuple[float, float]]) -> int:
         """After ``lambda21`` of table ``t`` moved from ``bounds[t][0]`` to ``bounds[t][1]``:
-        re-apply the prox to the rows whose zero/non-zero state that changes -- the seen rows
+        re-apply the prox to the rows whose zero/non-zero state that change can flip -- the seen rows
         whose stored shrink norm / sqrt(d) ``u`` lies in ``(min, max]`` of the two values
         (widened by a relative :data:`REAPPLY_MARGIN` on both sides, so that rounding between
         the stored ``u`` and the kernel's own ``norm <= sqrt(d) * lambda21`` test cannot leave
