@@ -544,7 +544,7 @@ class SparsityMonitor(Callback):
         else:
             keeps = {None: round(target * sum(s for s, _ in counts.values()))}
         old = tables.lambda21()
-        if _on_target(keeps, counts, old) or self._as_searched(keeps, counts, old):
+        if _on_target(keeps, counts, self._searched_lambda21()) or self._as_searched(keeps, counts):
             self.last_tuning = skipped
             return
         if hasattr(tables, "histograms"):  # fused tables: the kernels' shrink-norm index
@@ -573,7 +573,8 @@ class SparsityMonitor(Callback):
         # what this search left (the count above each new threshold): a later tuning that
         # finds the same skips
         self.searched = {"keeps": [[n, k] for n, k in keeps.items()],
-                         "nonzero": [[n, z] for n, z in left.items()]}
+                         "nonzero": [[n, z] for n, z in left.items()],
+                         "lambda21": {n: float(v) for n, v in new.items()}}
         self.last_tuning = {"threshold_collectives": coll.count,
                             "rows_seen": sum(s for s, _ in counts.values()),
                             "rows_reapplied": reapplied}
@@ -607,28 +608,36 @@ class SparsityMonitor(Callback):
             above=above)
         return dict(zip(names, ts)), {n: above[i] for i, n in enumerate(names)}
 
-    def _as_searched(self, keeps: dict, counts: dict[str, tuple[int, int]],
-                     lam: dict[str, float]) -> bool:
-        """Whether the last search asked for the same rows to keep, the tables hold the
-        ``lambda21`` it set and exactly the non-zero rows it left (per targeted table, or in
-        all for a global target): a new search would return the same answer up to ties at the
-        cut (which keep the count a few rows below the target at production sizes, so that the
-        exact-hit test alone would search every time). O(tables)."""
+    def _searched_lambda21(self) -> dict[str, float]:
+        """The ``lambda21`` values the last search set: the same on every rank (a table's value
+        read from the kernels is known only where a shard of it lives), so that every skip
+        decision is the same on every rank. Empty before the first search."""
+        return dict(self.searched["lambda21"]) if self.searched else {}
+
+    def _as_searched(self, keeps: dict, counts: dict[str, tuple[int, int]]) -> bool:
+        """Whether the last search asked for the same rows to keep and the tables hold exactly
+        the non-zero rows it left (per targeted table, or in all for a global target): a new
+        search would return the same answer up to ties at the cut (which keep the count a few
+        rows below the target at production sizes, so that the exact-hit test alone would
+        search every time). The monitor owns ``lambda21`` while it tunes: a value set behind
+        its back between two tunings is not looked for. O(tables)."""
         last = self.searched
         return (last is not None and [[n, k] for n, k in keeps.items()] == last["keeps"]
-                and [[n, z] for n, z in _kept(keeps, counts).items()] == last["nonzero"]
-                and lam == self.lambda21)
+                and [[n, z] for n, z in _kept(keeps, counts).items()] == last["nonzero"])
+
+    def _at_floor(self) -> bool:
+        """The last search set the floor for every table. O(tables)."""
+        lam = self._searched_lambda21()
+        return set(self._tables.names) <= set(lam) and all(v <= FLOOR for v in lam.values())
 
     def _keeps_all_at_floor(self, target) -> bool:
-        """Without any collective: the target keeps every row (1.0 for every table) and every
-        ``lambda21`` is the floor this monitor set. A search would return the floor again and
+        """Without any collective: the target keeps every row (1.0 for every table) and the
+        last search set the floor for every table. A search would return the floor again and
         the re-application between the floor and itself touches no row (a plain table's full
         re-application at the floor changes a row only after an outside write). O(tables)."""
         rates = target.values() if isinstance(target, dict) else [target]
         covered = not isinstance(target, dict) or set(self._tables.names) <= set(target)
-        return (covered and all(r >= 1.0 for r in rates) and bool(self.lambda21)
-                and all(v <= FLOOR for v in self.lambda21.values())
-                and self._tables.lambda21() == self.lambda21)
+        return covered and all(r >= 1.0 for r in rates) and self._at_floor()
 
     def _keeps_everything(self, target, counts: dict[str, tuple[int, int]]) -> bool:
         """Whether a tuning now would keep every seen row with the lambda21 already set."""
@@ -636,7 +645,7 @@ class SparsityMonitor(Callback):
         covered = not isinstance(target, dict) or set(counts) <= set(target)
         return (covered and all(r >= 1.0 for r in rates)
                 and all(nz == seen for seen, nz in counts.values())
-                and bool(self.lambda21) and all(v <= FLOOR for v in self.lambda21.values()))
+                and self._at_floor())
 
     # ------------------------------------------------------------------ hooks
     def _log(self, pl_module: pl.LightningModule, step: int, on_epoch: bool) -> None:

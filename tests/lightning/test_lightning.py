@@ -246,36 +246,36 @@ class _StubTables:
 
 
 def test_tuning_that_keeps_every_row_is_skipped():
-    """Before the ramp (target 1.0) with lambda21 at the floor this monitor set, a tuning costs
-    nothing, not even the counts' collective (a search would return the floor again and the
-    re-application from the floor to itself touches no row -- also with a zero seen row); a
-    lambda21 above the floor (also one changed behind the monitor's back) makes it run, and
-    with every seen row non-zero but a lambda21 above the floor the search sets the floor
-    (negative controls)."""
+    """Before the ramp (target 1.0), once the monitor's own search has set the floor, a tuning
+    costs nothing, not even the counts' collective (a search would return the floor again and
+    the re-application from the floor to itself touches no row -- also with a zero seen row).
+    The decision uses only what every rank knows alike (the last search's values), never a
+    kernel's lambda21 (known only where a shard of the table lives). Negative controls: the
+    first tuning searches even with lambda21 at the floor (no search of its own yet); a
+    lambda21 above the floor is searched down to it; on the ramp the tuning runs."""
     from lightning_sgl import SparsityMonitor
 
     def monitor(counts, lam):
         m = SparsityMonitor(0.2)
         m._tables = _StubTables(counts, lam)
+        m._tables.names = sorted(counts)
         m.lambda21 = dict(lam)
         m.ramp_steps, m.ramp_start, m.refit_start = 20, 60, 90
         return m
 
-    for counts in ({"a": (10, 10), "b": (5, 5)}, {"a": (10, 9), "b": (5, 5)}):
-        m = monitor(counts, {"a": 1e-12, "b": 1e-12})
-        m._tables.counts = None  # a call would fail: no counts, no collective
-        m._tune(10)
-        assert m._tables.norm_calls == 0 and m.last_tuning["skipped"] == 1
-    m = monitor({"a": (10, 9), "b": (5, 5)}, {"a": 1e-12, "b": 1e-12})
-    m._tables.lam["a"] = 1e-3  # changed outside the monitor
-    m._tune(10)
-    assert m._tables.norm_calls == 1 and "skipped" not in m.last_tuning
     m = monitor({"a": (10, 10), "b": (5, 5)}, {"a": 1e-3, "b": 1e-12})
     m._tune(10)
     assert m._tables.norm_calls == 1 and m.lambda21["a"] <= 1e-12  # the search set the floor
+    for counts in ({"a": (10, 10), "b": (5, 5)}, {"a": (10, 9), "b": (5, 5)}):
+        m._tables._counts = counts
+        m._tables.counts = None  # a call would fail: no counts, no collective
+        m._tune(20)
+        assert m._tables.norm_calls == 1 and m.last_tuning["skipped"] == 1
     m = monitor({"a": (10, 10), "b": (5, 5)}, {"a": 1e-12, "b": 1e-12})
+    m._tune(10)  # lambda21 at the floor, but not by a search of this monitor's
+    assert m._tables.norm_calls == 1 and "skipped" not in m.last_tuning
     m._tune(70)  # on the ramp: the target is below 1
-    assert m._tables.norm_calls == 1
+    assert m._tables.norm_calls == 2
 
 
 def test_scheduled_rate_is_the_cubic_ramp():
