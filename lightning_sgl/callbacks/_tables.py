@@ -18,6 +18,8 @@ from :func:`~lightning_sgl.group_optimizers`). Both give, per table:
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor, nn
 
@@ -56,7 +58,8 @@ class TorchRecTables:
         return {n: out.get(self._local(n), float("nan")) for n in self.names}
 
     def set_lambda21(self, values: dict[str, float]) -> None:
-        local = {self._local(n): float(v) for n, v in values.items()}
+        # NaN: a value this rank could not read (no shard of the table here); never set it
+        local = {self._local(n): float(v) for n, v in values.items() if not math.isnan(float(v))}
         for k in self.kernels:
             mine = {t.name for t in k.tables} & set(local)
             if mine:
