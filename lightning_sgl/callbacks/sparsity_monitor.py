@@ -210,6 +210,18 @@ def _allreduce(t: torch.Tensor, op: str) -> torch.Tensor:
     return allreduce_cpu(t, dist.ReduceOp.SUM if op == "sum" else dist.ReduceOp.MAX)
 
 
+def _global_lambda21(local: dict[str, float]) -> dict[str, float]:
+    """Per table, the ``lambda21`` its kernels hold, on every rank (a rank without a shard of
+    a table reads NaN for it): one MAX all-reduce, at the fit's start. O(tables)."""
+    names = sorted(local)
+    if not names:
+        return {}
+    t = torch.tensor([-math.inf if math.isnan(local[n]) else local[n] for n in names],
+                     dtype=torch.float64)
+    t = allreduce_cpu(t, dist.ReduceOp.MAX)
+    return {n: float(v) if math.isfinite(v) else math.nan for n, v in zip(names, t.tolist())}
+
+
 def _kept(keeps: dict, counts: dict[str, tuple[int, int]]) -> dict:
     """The non-zero rows of ``counts`` as ``keeps`` counts them: per targeted table, or in all
     tables (key ``None``) for a global target."""
@@ -445,7 +457,7 @@ class SparsityMonitor(Callback):
         if self.lambda21:  # resumed: the tuned values are ours to restore
             self._tables.set_lambda21(self.lambda21)
         else:
-            self.lambda21 = self._tables.lambda21()
+            self.lambda21 = _global_lambda21(self._tables.lambda21())
         if self.ramp_steps is None:  # not resumed: the ramp follows this fit's length
             self.ramp_steps = int(self.schedule_share * total)
             self.ramp_start = int(self.schedule_start * total)
@@ -569,7 +581,7 @@ class SparsityMonitor(Callback):
             tables.reapply()
             reapplied = sum(s for s, _ in counts.values())
             left = _kept(keeps, tables.counts())  # plain tables: local counts, no collective
-        self.lambda21 = tables.lambda21()
+        self.lambda21 = {**self.lambda21, **new}  # what was set: the same on every rank
         # what this search left (the count above each new threshold): a later tuning that
         # finds the same skips
         self.searched = {"keeps": [[n, k] for n, k in keeps.items()],
