@@ -116,6 +116,14 @@ def _keyed(mods: list, path: str):
     return (lambda n: n) if len(mods) == 1 else (lambda n: f"{path}.{n}")
 
 
+def _local(mods: list, path: str, values: dict) -> dict:
+    """The entries of ``values`` (keyed as :func:`_keyed` keys them) for the EBC at ``path``,
+    keyed by its own table names."""
+    if len(mods) == 1:
+        return dict(values)
+    return {n.rsplit(".", 1)[-1]: v for n, v in values.items() if n.startswith(path + ".")}
+
+
 def plan_tables(module: nn.Module) -> dict[str, int]:
     """Every model-parallel table of the sharded Group EBCs (same on all ranks): key -> dim."""
     return {k: dim for k, (_, dim, _) in plan_table_layouts(module).items()}
@@ -168,8 +176,7 @@ def prune_seen_rows(module: nn.Module, thresholds: dict[str, float]) -> None:
     """Zero the seen rows whose full-row norm is <= the table's threshold (collective for CW)."""
     mods = group_modules(module)
     for path, sharded in mods:
-        local = {n.rsplit(".", 1)[-1] if len(mods) > 1 else n: v for n, v in thresholds.items()
-                 if len(mods) == 1 or n.startswith(path + ".")}
+        local = _local(mods, path, thresholds)
         for k in sharded.group_kernels():
             k.prune_seen_rows(local)
 
@@ -241,8 +248,7 @@ def reapply_prox_between(module: nn.Module, bounds: dict[str, tuple[float, float
     mods = group_modules(module)
     touched = 0
     for path, sharded in mods:
-        local = {n.rsplit(".", 1)[-1] if len(mods) > 1 else n: v for n, v in bounds.items()
-                 if len(mods) == 1 or n.startswith(path + ".")}
+        local = _local(mods, path, bounds)
         for k in sharded.group_kernels():
             touched += k.reapply_prox_between(local)
     return touched
