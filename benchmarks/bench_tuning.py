@@ -17,7 +17,8 @@ TorchRec adapter. Two measurements per size:
    training steps + one tuning: the mean and the largest tuning, how many searched (the others
    found the exact counts on target and were skipped in O(tables)), the rows re-applied per
    tuning, the collectives of a searching tuning, and the share ``tuning / (tuning + 10
-   steps)``.
+   steps)``; then ``--tunings`` rounds whose target moves by 1e-4 each time (as on a ramp), so
+   that every tuning searches: the cost of a search at that size, and its share.
 2. **Default-settings run** (the share over a whole fit): a fresh kernel, rows seen only by
    training, ``SparsityMonitor(0.2)`` with the default schedule and refit on a run of
    ``--run-steps`` steps, the Lightning hook's own decisions (``on_train_batch_end``); the total
@@ -83,8 +84,11 @@ class KernelTables:
     def histograms(self):
         return self.kernel.shrink_histograms()
 
-    def bucket_counts(self, buckets):
-        return {n: self.kernel.shrink_value_counts(n, b) for n, b in buckets.items()}
+    def run_counts(self, buckets):
+        return {n: self.kernel.shrink_run_counts(n, b) for n, b in buckets.items()}
+
+    def value_counts(self, runs):
+        return {n: self.kernel.shrink_value_counts(n, *bj) for n, bj in runs.items()}
 
     def reapply_between(self, bounds):
         return self.kernel.reapply_prox_between(bounds)
@@ -100,8 +104,7 @@ class KernelTables:
         self.kernel.set_fixed_support(self.names)
 
     def scale_dual(self, factor):
-        for st in self.kernel.get_optimizer_state():
-            st["dual"].mul_(factor)
+        self.kernel.scale_dual(factor)
 
 
 def zipf_batch(gen, rows: int):
@@ -177,10 +180,21 @@ def held_target(world: int, local_rows: int, gen, tunings: int) -> dict:
             coll = last["threshold_collectives"]
     counts = monitor._tables.counts()
     seen = sum(s for s, _ in counts.values())
+    # searches: the target nudged by 1e-4 at every tuning (as on a ramp), so none is skipped
+    search_times, search_rows = [], []
+    for i in range(tunings):
+        monitor.target = 0.2 + (1e-4 if i % 2 == 0 else 0.0)
+        step_times.append(timed(world, train, every))
+        search_times.append(timed(world, monitor._tune, (tunings + i + 2) * every))
+        assert not monitor.last_tuning.get("skipped")
+        search_rows.append(monitor.last_tuning["rows_reapplied"])
+        coll = monitor.last_tuning["threshold_collectives"]
     return dict(first=first, first_rows=first_rows, train=statistics.mean(step_times),
                 tune=statistics.mean(tune_times), tune_max=max(tune_times), searched=searched,
                 tunings=tunings, collectives=coll, reapplied=statistics.mean(reapplied),
-                rate=sum(z for _, z in counts.values()) / seen)
+                rate=sum(z for _, z in counts.values()) / seen,
+                search=statistics.mean(search_times), search_max=max(search_times),
+                search_rows=statistics.mean(search_rows))
 
 
 def default_run(world: int, local_rows: int, gen, steps: int) -> dict:
@@ -249,8 +263,9 @@ def main(argv=None):
           f"{DEFAULT_SCHEDULE}")
     print("| rows / table | ranks | first tuning ms (rows re-applied) | tuning ms, mean / max | "
           "searched | rows re-applied / tuning | 10 training steps ms | tuning share | "
-          "threshold collectives | rate after | default run: tunings, share | run rate |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "search ms, mean / max (rows re-applied) | search share | threshold collectives | "
+          "rate after | default run: tunings, share | run rate |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for rows in args.sizes:
         for world in args.ranks:
             if world == 1:
@@ -271,8 +286,11 @@ def main(argv=None):
             line = (f"| {rows:,} | {world} | {out['first'] * 1e3:.0f} ({out['first_rows']:,}) | "
                     f"{out['tune'] * 1e3:.2f} / {out['tune_max'] * 1e3:.2f} | "
                     f"{out['searched']}/{out['tunings']} | {out['reapplied']:,.0f} | "
-                    f"{out['train'] * 1e3:.1f} | {share:.1%} | {out['collectives']} | "
-                    f"{out['rate']:.4f} | ")
+                    f"{out['train'] * 1e3:.1f} | {share:.1%} | "
+                    f"{out['search'] * 1e3:.2f} / {out['search_max'] * 1e3:.2f} "
+                    f"({out['search_rows']:,.0f}) | "
+                    f"{out['search'] / (out['search'] + out['train']):.1%} | "
+                    f"{out['collectives']} | {out['rate']:.4f} | ")
             if "run_train" in out:
                 run_share = out["run_tune"] / (out["run_tune"] + out["run_train"])
                 line += f"{out['run_tunings']}, {run_share:.1%} | {out['run_rate']:.4f} |"

@@ -17,7 +17,7 @@ from .sharder import ShardedGroupEmbeddingBagCollection
 
 __all__ = ["group_modules", "feature_counts", "shrink_norms", "all_group_kernels",
            "seen_row_weight_norms", "prune_seen_rows", "plan_tables", "plan_table_layouts",
-           "shrink_histograms", "shrink_value_counts", "reapply_prox_between"]
+           "shrink_histograms", "shrink_run_counts", "shrink_value_counts", "reapply_prox_between"]
 
 _COLUMN = ("column_wise", "table_column_wise")
 
@@ -223,22 +223,40 @@ def shrink_histograms(module: nn.Module, pg=None) -> dict[str, Tensor]:
     return out
 
 
-@torch.no_grad()
-def shrink_value_counts(module: nn.Module, buckets: dict[str, int]) -> dict[str, Tensor]:
-    """Per table ``t`` of ``buckets``: this rank's seen rows per float32 value of shrink-norm
-    bucket ``buckets[t]`` (int64 ``[2**SHIFT]``, :meth:`GroupTBE.shrink_value_counts`).
-    O(rows of those buckets) with the native index; no collective."""
-    from .kernel.index import SHIFT
-
-    out = {k: torch.zeros(1 << SHIFT, dtype=torch.int64) for k in buckets}
+def _summed_over_kernels(module: nn.Module, asked: dict, size: int, read) -> dict[str, Tensor]:
+    """Per table key of ``asked``: ``read(kernel, local name, asked[key])`` summed over this
+    rank's kernels that hold a shard of it (int64 ``[size]``)."""
+    out = {k: torch.zeros(size, dtype=torch.int64) for k in asked}
     mods = group_modules(module)
     for path, sharded in mods:
         key = _keyed(mods, path)
         for k in sharded.group_kernels():
             for name in {t.name for t in k.tables}:
-                if key(name) in buckets:
-                    out[key(name)] += k.shrink_value_counts(name, buckets[key(name)])
+                if key(name) in asked:
+                    out[key(name)] += read(k, name, asked[key(name)])
     return out
+
+
+@torch.no_grad()
+def shrink_run_counts(module: nn.Module, buckets: dict[str, int]) -> dict[str, Tensor]:
+    """Per table ``t`` of ``buckets``: this rank's seen rows per run of shrink-norm bucket
+    ``buckets[t]`` (int64 ``[RUNS]``, :meth:`GroupTBE.shrink_run_counts`). O(RUNS) per kernel
+    for a crowded bucket, else O(its rows), with the native index; no collective."""
+    from .kernel.index import RUNS
+
+    return _summed_over_kernels(module, buckets, RUNS,
+                                lambda k, name, b: k.shrink_run_counts(name, b))
+
+
+@torch.no_grad()
+def shrink_value_counts(module: nn.Module, runs: dict[str, tuple[int, int]]) -> dict[str, Tensor]:
+    """Per table ``t`` of ``runs``: this rank's seen rows per float32 value of run ``runs[t][1]``
+    of shrink-norm bucket ``runs[t][0]`` (int64 ``[RUN]``, :meth:`GroupTBE.shrink_value_counts`).
+    O(rows of the run) with the native index; no collective."""
+    from .kernel.index import RUN
+
+    return _summed_over_kernels(module, runs, RUN,
+                                lambda k, name, bj: k.shrink_value_counts(name, *bj))
 
 
 @torch.no_grad()

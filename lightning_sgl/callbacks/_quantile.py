@@ -191,7 +191,9 @@ def _from_pattern(p: int) -> float:
     return struct.unpack("<f", struct.pack("<I", int(p)))[0]
 
 
-def histogram_thresholds(hists: list[Tensor], keeps: list[int], counts: Callable[[int, int], Tensor],
+def histogram_thresholds(hists: list[Tensor], keeps: list[int],
+                         runs: Callable[[int, int], Tensor],
+                         values: Callable[[int, int, int], Tensor],
                          allreduce: Collectives, edge: Callable[[int], float],
                          floor: float = FLOOR, bins: int = 256,
                          above: list[int] | None = None) -> list[float]:
@@ -199,15 +201,17 @@ def histogram_thresholds(hists: list[Tensor], keeps: list[int], counts: Callable
 
     Group ``i`` has this rank's counts ``hists[i]`` per bucket, bucket ``b`` holding the float32
     values in ``(edge(b), edge(b + 1)]`` (every bucket the same number ``P`` of float32 values;
-    e.g. the kernels' shrink-norm index, :mod:`torchrec_ext.kernel.index`); ``counts(i, b)``
-    returns this rank's count of each of those ``P`` values in group ``i`` (``[P]``, in
-    increasing order; values ``<= 0`` counted as the first). The threshold is exact -- the same
-    count above it as sorting all values would give (see :func:`thresholds`) -- in four SUM
-    all-reduces of at most ``bins`` counts per group, whatever the number of values or ranks:
+    e.g. the kernels' shrink-norm index, :mod:`torchrec_ext.kernel.index`), in ``bins`` runs of
+    ``w = P / bins`` consecutive values: ``runs(i, b)`` returns this rank's count per run of
+    bucket ``b`` in group ``i`` (``[bins]``), ``values(i, b, r)`` its count per value of run
+    ``r`` (``[w]``, in increasing order; values ``<= 0`` counted as the first of run 0). The
+    threshold is exact -- the same count above it as sorting all values would give (see
+    :func:`thresholds`) -- in four SUM all-reduces of at most ``bins`` counts per group,
+    whatever the number of values or ranks:
 
     1. the histograms summed over groups of consecutive buckets (``bins`` groups);
     2. the buckets of the group that holds the ``(keep+1)``-th largest value ``v*`` -> its bucket;
-    3. that bucket's value counts summed over ``bins`` runs of consecutive values -> the run;
+    3. that bucket's run counts -> the run;
     4. the counts of that run's values one by one -> ``v*`` itself.
 
     ``t`` is the midpoint (float64) of ``v*`` and the next larger value when that lies in the
@@ -219,8 +223,8 @@ def histogram_thresholds(hists: list[Tensor], keeps: list[int], counts: Callable
     ``above`` (a list, filled if given): per group, how many values (over all ranks) lie above
     the threshold returned -- known from the histograms, no collective.
 
-    Cost per rank: O(groups x buckets) for the sums, and ``counts`` of one bucket per group;
-    4 collectives.
+    Cost per rank: O(groups x buckets) for the sums, ``runs`` of one bucket and ``values`` of one
+    run per group; 4 collectives.
     """
     g = len(hists)
     if g == 0:
@@ -240,19 +244,28 @@ def histogram_thresholds(hists: list[Tensor], keeps: list[int], counts: Callable
     buckets = [int(c) * f + int(j) for c, j in zip(c1.tolist(), j1.tolist())]
     # 3-4. the value v* inside it
     n_values = _pattern(edge(1)) - _pattern(edge(0))
-    w = -(-n_values // bins)  # values per run of level 3
-    cnt = torch.zeros(g, bins * w, dtype=torch.float64)
+    if n_values % bins:
+        raise ValueError(f"Invalid bins: {bins} (a bucket's {n_values} values in equal runs)")
+    w = n_values // bins  # values per run
+    cnt = torch.zeros(g, bins, dtype=torch.float64)
     for i in range(g):
         if not bool(done[i]):
-            got = counts(i, buckets[i]).to(torch.float64).reshape(-1)
-            if got.numel() != n_values:
-                raise ValueError(f"Invalid counts: {got.numel()} values per bucket, the edges "
-                                 f"give {n_values}")
-            cnt[i, :n_values] = got
-    runs = allreduce(cnt.view(g, bins, w).sum(2), "sum")
-    c3, above3 = _cross(runs, above2, keep)
-    one = allreduce(torch.stack([cnt[i, int(c) * w: (int(c) + 1) * w]
-                                 for i, c in enumerate(c3.tolist())]), "sum")
+            got = runs(i, buckets[i]).to(torch.float64).reshape(-1)
+            if got.numel() != bins:
+                raise ValueError(f"Invalid run counts: {got.numel()} runs per bucket, expected "
+                                 f"{bins}")
+            cnt[i] = got
+    run_sums = allreduce(cnt, "sum")
+    c3, above3 = _cross(run_sums, above2, keep)
+    one = torch.zeros(g, w, dtype=torch.float64)
+    for i in range(g):
+        if not bool(done[i]):
+            got = values(i, buckets[i], int(c3[i])).to(torch.float64).reshape(-1)
+            if got.numel() != w:
+                raise ValueError(f"Invalid value counts: {got.numel()} values per run, the "
+                                 f"edges give {w}")
+            one[i] = got
+    one = allreduce(one, "sum")
     j4, above4 = _cross(one, above3, keep)
     out = []
     for i in range(g):

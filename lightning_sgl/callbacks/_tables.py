@@ -9,11 +9,14 @@ from :func:`~lightning_sgl.group_optimizers`). Both give, per table:
 - ``set_lambda21(values)`` / ``lambda21()`` and ``reapply()`` (re-run the prox on seen rows);
 - TorchRec tables only (the kernels keep a shrink-norm index, :mod:`torchrec_ext.kernel.index`):
   ``histograms()`` (local per-table bucket counts of the shrink norms / sqrt(d), O(tables x
-  buckets)), ``bucket_counts(buckets)`` (the local count of each float32 value of one bucket
-  per table) and ``reapply_between(bounds)`` (the prox re-applied to the rows between an old
-  and a new ``lambda21``, O(rows of the buckets walked));
+  buckets)), ``run_counts(buckets)`` and ``value_counts(runs)`` (the local counts per run of
+  one bucket, and per float32 value of one run, per table: O(runs), or a walk of at most a
+  split-size bucket, and a walk of one run) and ``reapply_between(bounds)`` (the prox
+  re-applied to the rows between an old and a new ``lambda21``, O(rows of the buckets and runs
+  walked));
 - ``fix_support()``: the refit -- the support fixed, ``lambda1 = lambda21 = 0`` (O(tables));
-  ``scale_dual(f)``: the stored duals times ``f`` (O(rows held), once per refit).
+  ``scale_dual(f)``: the stored duals times ``f`` (once per refit; the fused tables' seen rows
+  only, O(rows seen x dim)).
 """
 
 from __future__ import annotations
@@ -72,8 +75,11 @@ class TorchRecTables:
     def histograms(self) -> dict[str, Tensor]:
         return self._fr.shrink_histograms(self.module)
 
-    def bucket_counts(self, buckets: dict[str, int]) -> dict[str, Tensor]:
-        return self._fr.shrink_value_counts(self.module, buckets)
+    def run_counts(self, buckets: dict[str, int]) -> dict[str, Tensor]:
+        return self._fr.shrink_run_counts(self.module, buckets)
+
+    def value_counts(self, runs: dict[str, tuple[int, int]]) -> dict[str, Tensor]:
+        return self._fr.shrink_value_counts(self.module, runs)
 
     def reapply_between(self, bounds: dict[str, tuple[float, float]]) -> int:
         return self._fr.reapply_prox_between(self.module, bounds)
@@ -92,8 +98,7 @@ class TorchRecTables:
 
     def scale_dual(self, factor: float) -> None:
         for k in self.kernels:
-            for st in k.get_optimizer_state():
-                st["dual"].mul_(factor)
+            k.scale_dual(factor)  # the seen rows only: O(rows seen x dim)
 
     def weight_norms(self) -> dict[str, Tensor]:
         return self._fr.seen_row_weight_norms(self.module)

@@ -33,7 +33,8 @@ target, then every table trains with ``lambda1 = lambda21 = 0`` and only its non
 (:func:`lightning_sgl.optim.functional.support_rows`: a zero row keeps its values and state, a row
 first seen during the refit stays zero, so the rate can only fall a little) -- and the kept rows
 get back ``refit_relax`` of the shrinkage the selection needed (their duals, which hold what the
-penalty shrank away, are scaled by it once: O(rows held), once per training; each row takes it
+penalty shrank away, are scaled by it once: O(rows seen x dim) for fused tables, O(rows held)
+for plain ones, once per training; each row takes it
 with its next step), as magnitude pruning's survivors are fine-tuned unshrunk. No tuning runs
 after it. The start step is fixed at the first ``on_train_start`` and saved, with whether the
 refit began, so a resumed run refits the same steps.
@@ -517,8 +518,8 @@ class SparsityMonitor(Callback):
     def _tune(self, step: int) -> None:
         """Set the ``lambda21`` that meets the target and re-apply the prox where it changes.
 
-        Cost per rank, fused tables: O(tables x buckets) for the histograms, one walk of one
-        bucket per table for the exact value, and the prox on the rows whose stored norm lies
+        Cost per rank, fused tables: O(tables x buckets) for the histograms, per table the run
+        counts of one bucket and a walk of one run for the exact value, and the prox on the rows whose stored norm lies
         between the old and the new threshold (O(rows of the buckets walked + those rows x
         dim)); collectives: the counts, 4 for the threshold (all tables together), plus, with
         column-sharded tables, the index's rebuild decision and one norm all-reduce per such
@@ -600,27 +601,33 @@ class SparsityMonitor(Callback):
         """``lambda21`` per table from the kernels' shrink-norm histograms (``keeps``: rows to
         keep per table, or ``{None: rows}`` over all tables with one common value), and the rows
         above each new value (keyed as ``keeps``): the bucket that holds the order statistic
-        from the all-reduced histograms, then the exact value from that bucket's value counts
-        (:func:`._quantile.histogram_thresholds`: 4 collectives). O(tables x buckets) plus one
-        walk of one bucket per table."""
+        from the all-reduced histograms, then the exact value from that bucket's run counts and
+        one run's value counts (:func:`._quantile.histogram_thresholds`: 4 collectives).
+        O(tables x buckets) plus, per table, the run counts of one bucket (O(runs) for a crowded
+        bucket, a walk of at most ``SPLIT`` rows otherwise) and a walk of one run."""
         hists = tables.histograms()
         above: list[int] = []
         if None in keeps:
             names = sorted(hists)
             merged = sum((hists[n] for n in names), torch.zeros_like(next(iter(hists.values()))))
 
-            def counts(i: int, b: int) -> torch.Tensor:
-                got = tables.bucket_counts(dict.fromkeys(names, b))
+            def runs(i: int, b: int) -> torch.Tensor:
+                got = tables.run_counts(dict.fromkeys(names, b))
                 return sum(got[n] for n in names)
 
-            (t,) = histogram_thresholds([merged], [keeps[None]], counts, coll, tables.bucket_edge,
-                                        above=above)
+            def values(i: int, b: int, r: int) -> torch.Tensor:
+                got = tables.value_counts(dict.fromkeys(names, (b, r)))
+                return sum(got[n] for n in names)
+
+            (t,) = histogram_thresholds([merged], [keeps[None]], runs, values, coll,
+                                        tables.bucket_edge, above=above)
             return dict.fromkeys(names, t), {None: above[0]}
         names = sorted(keeps)
         ts = histogram_thresholds(
             [hists[n] for n in names], [keeps[n] for n in names],
-            lambda i, b: tables.bucket_counts({names[i]: b})[names[i]], coll, tables.bucket_edge,
-            above=above)
+            lambda i, b: tables.run_counts({names[i]: b})[names[i]],
+            lambda i, b, r: tables.value_counts({names[i]: (b, r)})[names[i]], coll,
+            tables.bucket_edge, above=above)
         return dict(zip(names, ts)), {n: above[i] for i, n in enumerate(names)}
 
     def _searched_lambda21(self) -> dict[str, float]:
@@ -695,7 +702,8 @@ class SparsityMonitor(Callback):
 
     def _start_refit(self, step: int) -> None:
         """One last tuning on the final target, then the support fixed, the penalties off and
-        the duals scaled by ``refit_relax`` (O(rows held), once per training)."""
+        the duals scaled by ``refit_relax`` (once per training: O(rows seen x dim) on fused
+        tables)."""
         self._tune(step)
         self._tables.fix_support()
         self._tables.scale_dual(self.refit_relax)

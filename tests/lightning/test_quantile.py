@@ -53,19 +53,26 @@ def value_sets(draw):
 
 def _by_histogram(groups: list[torch.Tensor], keeps: list[int], coll) -> list[float]:
     """``histogram_thresholds`` over the kernels' own bucketing (float32 values, as stored; the
-    counts per value of a bucket from the bit patterns, as the index's native op returns them)."""
-    from torchrec_ext.kernel.index import BUCKETS, SHIFT, bucket_of, edge
+    counts per run of a bucket and per value of a run from the bit patterns, as the index's
+    native ops return them)."""
+    from torchrec_ext.kernel.index import BUCKETS, RUN, RUNS, SHIFT, bucket_of, edge
 
     buckets = [bucket_of(v) for v in groups]
     hists = [torch.bincount(b, minlength=BUCKETS) for b in buckets]
 
-    def counts(i: int, b: int) -> torch.Tensor:
+    def offsets(i: int, b: int) -> torch.Tensor:
         v = groups[i][buckets[i] == b].float()
         bits = torch.where(v > 0, v.view(torch.int32).long(), torch.zeros_like(v, dtype=torch.long))
-        j = (bits - ((b << SHIFT) + 1)).clamp(0, (1 << SHIFT) - 1)
-        return torch.bincount(j, minlength=1 << SHIFT)
+        return (bits - ((b << SHIFT) + 1)).clamp(0, (1 << SHIFT) - 1)
 
-    return histogram_thresholds(hists, keeps, counts, coll, edge)
+    def runs(i: int, b: int) -> torch.Tensor:
+        return torch.bincount(offsets(i, b) // RUN, minlength=RUNS)
+
+    def values(i: int, b: int, r: int) -> torch.Tensor:
+        j = offsets(i, b)
+        return torch.bincount(j[j // RUN == r] - r * RUN, minlength=RUN)
+
+    return histogram_thresholds(hists, keeps, runs, values, coll, edge)
 
 
 @settings(max_examples=200, deadline=None)

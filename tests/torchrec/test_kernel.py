@@ -628,7 +628,7 @@ def _check_index(kernel, values=True):
     sqrt(d) (recomputed from the state: with ``values``, for rules whose sigma does not move
     with the step -- Adam's bias correction and SGD's sqrt(t) do move it, and a row keeps the
     norm of its last write)."""
-    from torchrec_ext.kernel.index import BUCKETS, bucket_of
+    from torchrec_ext.kernel.index import BUCKETS, RUN, RUNS, SHIFT, bucket_of
 
     idx = kernel.shrink_index
     norms = kernel.shrink_norms()
@@ -638,12 +638,33 @@ def _check_index(kernel, values=True):
         b = bucket_of(u)
         assert torch.equal(idx.histogram(i), torch.bincount(b, minlength=BUCKETS)), t.name
         base = kernel.layout.row_offsets[i]
+        ids = seen.nonzero().view(-1) + base
+        bits = torch.where(u > 0, u.view(torch.int32).long(), torch.zeros_like(u, dtype=torch.long))
         for bucket in torch.unique(b).tolist():
             got = idx.rows_in([(i, bucket, bucket)])
-            want = seen.nonzero().view(-1)[b == bucket] + base
-            assert torch.equal(got, want.sort().values), (t.name, bucket)
+            inside = b == bucket
+            assert torch.equal(got, ids[inside].sort().values), (t.name, bucket)
+            off = (bits[inside] - ((bucket << SHIFT) + 1)).clamp(0, (1 << SHIFT) - 1)
+            runs = torch.bincount(off // RUN, minlength=RUNS)
+            assert torch.equal(idx.run_counts(i, bucket), runs), (t.name, bucket)
+            for r in runs.nonzero().view(-1).tolist():
+                want = torch.bincount(off[off // RUN == r] - r * RUN, minlength=RUN)
+                assert torch.equal(idx.value_counts(i, bucket, r), want), (t.name, bucket, r)
+            # a value range inside the bucket: only the rows it holds
+            vals = u[inside].double().sort().values
+            lo, hi = float(vals[vals.numel() // 3]), float(vals[(2 * vals.numel()) // 3])
+            got = idx.rows_in([(i, bucket, bucket)], [(lo, hi)])
+            sel = inside & (u.double() > lo) & (u.double() <= hi)
+            assert torch.equal(got, ids[sel].sort().values), (t.name, bucket, lo, hi)
         ref = (norms[t.name].view(-1) / t.full_dim ** 0.5).float()
         assert not values or torch.allclose(u, ref, rtol=1e-5, atol=1e-30), t.name
+    if idx.linked:  # the blocks: crowded buckets have one, every one in use holds >= merge rows
+        used = idx.block >= 0
+        assert int(idx.pool[2]) == idx.pool.numel() - 3 - int(used.sum())
+        assert bool((idx.hist[used] >= idx.merge).all())
+        assert int(idx.pool[2]) == 0 or not bool((idx.hist[~used] > idx.split).any())
+        taken = idx.block[used].sort().values
+        assert torch.equal(taken, torch.unique(taken))  # no block given twice
 
 
 @pytest.mark.skipif(not native.available(), reason="native kernel not built")
@@ -662,6 +683,77 @@ def test_shrink_index_is_kept_by_every_engine(opt, rowwise):
         if opt == "adagrad":
             assert torch.equal(k.shrink_index.hist, hist)
         assert not k.shrink_index.stale()
+
+
+@pytest.mark.skipif(not native.available(), reason="native kernel not built")
+@pytest.mark.parametrize("compiled", [True, False])
+def test_shrink_index_blocks_split_and_merge_as_rows_move(compiled):
+    """Buckets that crowd get per-run counts and lists (a block) and give them back when they
+    empty: with small split/merge sizes the index stays equal to a full scan (histograms, rows
+    per bucket and per value range, run and value counts) through updates, re-applications and
+    a rebuild, blocks are taken and returned, and the zero state is that of a kernel with the
+    default sizes (which needs no block here). Negative control: a pool too small to split
+    every crowded bucket still answers exactly."""
+    from torchrec_ext.kernel.index import ShrinkIndex
+
+    kernels = _trained_alike([dict(optimizer="adagrad", rowwise=True, compiled=compiled)] * 3, 0)
+    small, default, starved = kernels
+    small.shrink_index = ShrinkIndex(small, split=4, merge=3)
+    starved.shrink_index = ShrinkIndex(starved, split=4, merge=3)
+    starved.shrink_index.pool = starved.shrink_index.pool[:4].clone()  # one block only
+    starved.shrink_index._reset_blocks()
+    took = returned = 0
+    batches = _realistic_batches(8)
+    for n, (indices, offsets, w, target) in enumerate(batches):
+        before = small.shrink_index.block.clone()
+        for k in kernels:
+            (k(indices, offsets, w) * target).sum().backward()
+        after = small.shrink_index.block
+        took += int(((before < 0) & (after >= 0)).sum())
+        returned += int(((before >= 0) & (after < 0)).sum())
+        if n % 3 == 2:  # a new lambda21 through the index (rows leave and enter buckets)
+            u = small.shrink[small.seen.bool()]
+            new = float(u.quantile(0.3 + 0.1 * n / 3))
+            old = float(small.current_hyperparameters()["lambda21"])
+            for k in kernels:
+                k.update_hyper_parameters({"lambda21": new})
+                k.reapply_prox_between({t.name: (old, new) for t in REAL_TABLES})
+        for k in (small, starved):
+            _check_index(k, values=False)
+        assert small.feature_counts() == default.feature_counts() == starved.feature_counts()
+        assert torch.equal(small.weights, default.weights)
+    assert took > 10 and returned > 0 and int((small.shrink_index.block >= 0).sum()) > 0
+    assert int((default.shrink_index.block >= 0).sum()) == 0
+    assert int(starved.shrink_index.pool[2]) == 0
+    small.shrink_index.ensure(recompute=True)  # a rebuild takes blocks the same way
+    _check_index(small)
+
+
+@pytest.mark.parametrize("engine", ["native", "eager"])
+def test_scale_dual_scales_the_seen_rows_only(engine):
+    """``scale_dual`` (the refit's give-back): every seen row's dual times the factor, an unseen
+    row's dual (set by hand here) and every weight unchanged, the counts still valid, the index
+    then equal to a full scan of the new norms; a bad factor changes nothing."""
+    if engine == "native" and not native.available():
+        pytest.skip("native kernel not built")
+    (k,) = _trained_alike([dict(optimizer="adagrad", rowwise=True,
+                                compiled=engine == "native")], steps=4)
+    seen = [k.row_seen_view(i).bool() for i in range(len(k.tables))]
+    duals = [st["dual"] for st in k.get_optimizer_state()]
+    assert all(bool(s.any()) and not bool(s.all()) for s in seen)
+    for d, s in zip(duals, seen):
+        d[~s] = 0.25  # an unseen row's dual: left alone
+    before, weights, counts = [d.clone() for d in duals], k.weights.clone(), k.feature_counts()
+    with pytest.raises(ValueError, match=r"Invalid factor: nan \(a finite number\)"):
+        k.scale_dual(float("nan"))
+    assert all(torch.equal(d, b) for d, b in zip(duals, before))
+    k.scale_dual(0.5)
+    for d, b, s in zip(duals, before, seen):
+        assert torch.equal(d[s], b[s] * 0.5) and torch.equal(d[~s], b[~s])
+    assert torch.equal(k.weights, weights)
+    assert k.feature_counts() == counts
+    k.shrink_histograms()  # the index's next use rebuilds it from the new state
+    _check_index(k)
 
 
 def _trained_alike(configs: list[dict], steps: int) -> list[GroupTBE]:

@@ -136,21 +136,37 @@ constexpr bool state_rowwise(Rule r, int k) {
 }
 
 // ---- the shrink-norm index (torchrec_ext/kernel/index.py): every seen row is linked into the
-// bucket of its shrink norm u = ||s|| / sqrt(d) (float32), one doubly linked list and one count
-// per (table, bucket). Bucket b holds (E_b, E_{b+1}] with E_b the float32 of bit pattern
+// bucket of its shrink norm u = ||s|| / sqrt(d) (float32), one count per (table, bucket) and
+// doubly linked lists. Bucket b holds (E_b, E_{b+1}] with E_b the float32 of bit pattern
 // b << kShift: 2^(23 - kShift) buckets per octave, monotone in u, computed from the bits.
+// Each bucket is kFine runs of 2^kFineShift consecutive float32 values ("fine buckets"; a row's
+// fine id, bkt[r], is its bucket << kFineBits | its run). A bucket holding more than `split`
+// rows gets a block from the pool: a count and lists per run, so that the run counts come
+// without a walk and the rows of one run (or of a value range) from a walk of that run only.
+// Its block goes back to the pool (the rows back to the bucket's lists) when it holds fewer than
+// `merge` rows: every split bucket holds >= merge rows, so a table of n rows uses at most
+// n / merge blocks and the pool is sized for that (pool: [split, merge, free, ids...]).
 constexpr int kShift = 16;
 constexpr int64_t kBuckets = int64_t(1) << (31 - kShift);
-// Each bucket's rows are spread over kLanes lists by row id (r % kLanes): a walk follows the
+constexpr int kFineBits = 8;
+constexpr int64_t kFine = int64_t(1) << kFineBits;
+constexpr int kFineShift = kShift - kFineBits;
+// Each list's rows are spread over kLanes lists by row id (r % kLanes): a walk follows the
 // lanes in turn, so that kLanes independent pointer chases overlap their cache misses (a single
 // list walks at one miss per row).
 constexpr int64_t kLanes = 8;
 
-SGL_INLINE int32_t shrink_bucket(float u) {
-  if (!(u > 0.0f)) return 0;
-  uint32_t b;
-  std::memcpy(&b, &u, 4);
-  return static_cast<int32_t>(std::min<uint32_t>((b - 1u) >> kShift, kBuckets - 1));
+SGL_INLINE uint32_t shrink_bits(float u) {
+  uint32_t b = 0;
+  if (u > 0.0f) std::memcpy(&b, &u, 4);
+  return b;
+}
+
+// The fine id of a value: bucket << kFineBits | run (0 for u <= 0).
+SGL_INLINE int32_t shrink_fine(float u) {
+  const uint32_t b = shrink_bits(u);
+  if (b == 0) return 0;
+  return static_cast<int32_t>(std::min<uint32_t>((b - 1u) >> kFineShift, kBuckets * kFine - 1));
 }
 
 // The value the index stores for a row: its u, moved (by at most the rounding between u and the
@@ -167,68 +183,171 @@ SGL_INLINE float consistent_u(float u, bool nonzero, double lambda21) {
   return static_cast<double>(u) > lambda21 ? below : u;
 }
 
+// f(r) for every row of the kLanes lists starting at h, the lanes in turn; returns the rows
+// walked (stops at `limit`, so that a corrupted (cyclic) list cannot loop for ever).
+template <typename F>
+SGL_INLINE int64_t walk_lists(const int32_t* h, const int32_t* nxt, const float* u, int64_t limit,
+                              F&& f) {
+  int32_t cur[kLanes];
+  int live = 0;
+  int64_t n = 0;
+  for (int64_t l = 0; l < kLanes; ++l) live += (cur[l] = h[l]) >= 0;
+  while (live > 0) {
+    for (int64_t l = 0; l < kLanes; ++l) {
+      const int32_t r = cur[l];
+      if (r < 0) continue;
+      if (n++ >= limit) return n;
+      f(r);
+      cur[l] = nxt[r];
+      if (cur[l] < 0) --live; else __builtin_prefetch(u + cur[l], 0, 1);
+    }
+  }
+  return n;
+}
+
 struct Index {
   float* u = nullptr;  // nullptr: no index kept
-  int32_t* bkt = nullptr;
+  int32_t* bkt = nullptr;  // per row: its fine id, -1 unlinked
   int32_t* nxt = nullptr;
   int32_t* prv = nullptr;
-  int32_t* heads = nullptr;
-  int64_t* hist = nullptr;
+  int32_t* heads = nullptr;  // [tables, kBuckets, kLanes]
+  int64_t* hist = nullptr;  // [tables, kBuckets]
+  int32_t* blk = nullptr;  // [tables, kBuckets]: the bucket's block, -1 none
+  int32_t* fheads = nullptr;  // [blocks, kFine, kLanes]
+  int64_t* fhist = nullptr;  // [blocks, kFine]
+  int32_t* pool = nullptr;  // [3 + blocks]: split, merge, free count, free block ids
 
-  int32_t* head(int64_t t, int64_t b, int64_t r) const {
-    return heads + (t * kBuckets + b) * kLanes + (r & (kLanes - 1));
+  int32_t block(int64_t t, int64_t b) const { return blk[t * kBuckets + b]; }
+
+  // The lists of bucket b (its own, or those of run j of its block) of table t.
+  int32_t* lists(int64_t t, int64_t b, int64_t j) const {
+    const int32_t k = block(t, b);
+    return k >= 0 ? fheads + (static_cast<int64_t>(k) * kFine + j) * kLanes
+                  : heads + (t * kBuckets + b) * kLanes;
   }
 
-  // Move row r (of local table t) into the bucket of value v: O(1).
-  SGL_INLINE void relink(int64_t r, int64_t t, float v) const {
-    u[r] = v;
-    const int32_t nb = shrink_bucket(v);
-    const int32_t ob = bkt[r];
-    if (ob == nb) return;
-    if (ob >= 0) {
-      const int32_t p = prv[r], n = nxt[r];
-      if (p >= 0) nxt[p] = n; else *head(t, ob, r) = n;
-      if (n >= 0) prv[n] = p;
-      --hist[t * kBuckets + ob];
-    }
-    int32_t* h = head(t, nb, r);
+  SGL_INLINE void unlink(int64_t r, int64_t t, int32_t f) const {
+    const int64_t b = f >> kFineBits, j = f & (kFine - 1);
+    const int32_t p = prv[r], n = nxt[r];
+    if (p >= 0) nxt[p] = n; else lists(t, b, j)[r & (kLanes - 1)] = n;
+    if (n >= 0) prv[n] = p;
+    const int32_t k = block(t, b);
+    if (k >= 0) --fhist[static_cast<int64_t>(k) * kFine + j];
+  }
+
+  SGL_INLINE void link(int64_t r, int64_t t, int32_t f) const {
+    const int64_t b = f >> kFineBits, j = f & (kFine - 1);
+    int32_t* h = lists(t, b, j) + (r & (kLanes - 1));
     nxt[r] = *h;
     prv[r] = -1;
     if (*h >= 0) prv[*h] = static_cast<int32_t>(r);
     *h = static_cast<int32_t>(r);
-    ++hist[t * kBuckets + nb];
-    bkt[r] = nb;
+    const int32_t k = block(t, b);
+    if (k >= 0) ++fhist[static_cast<int64_t>(k) * kFine + j];
+    bkt[r] = f;
   }
 
-  // f(r) for every row of bucket b of table t, the lanes in turn. O(rows of the bucket).
-  template <typename F>
-  SGL_INLINE void walk(int64_t t, int64_t b, F&& f) const {
-    int32_t cur[kLanes];
-    int live = 0;
-    const int32_t* h = heads + (t * kBuckets + b) * kLanes;
-    for (int64_t l = 0; l < kLanes; ++l) live += (cur[l] = h[l]) >= 0;
-    while (live > 0) {
-      for (int64_t l = 0; l < kLanes; ++l) {
-        const int32_t r = cur[l];
-        if (r < 0) continue;
-        f(r);
-        cur[l] = nxt[r];
-        if (cur[l] < 0) --live; else __builtin_prefetch(u + cur[l], 0, 1);
+  // Every row of bucket b of table t (its lists, or its block's): O(rows of the bucket).
+  std::vector<int32_t> take(int64_t t, int64_t b) const {
+    std::vector<int32_t> rows;
+    rows.reserve(static_cast<size_t>(hist[t * kBuckets + b]));
+    walk(t, b, [&](int32_t r) { rows.push_back(r); });
+    return rows;
+  }
+
+  // Give bucket b of table t a block (none left in the pool: it stays as it is). O(its rows).
+  void split(int64_t t, int64_t b) const {
+    if (pool[2] <= 0) return;
+    const std::vector<int32_t> rows = take(t, b);
+    const int32_t k = pool[3 + --pool[2]];
+    std::fill_n(fheads + static_cast<int64_t>(k) * kFine * kLanes, kFine * kLanes, -1);
+    std::fill_n(fhist + static_cast<int64_t>(k) * kFine, kFine, int64_t(0));
+    std::fill_n(heads + (t * kBuckets + b) * kLanes, kLanes, -1);
+    blk[t * kBuckets + b] = k;
+    for (const int32_t r : rows) link(r, t, bkt[r]);
+  }
+
+  // Take bucket b's block back: its rows return to the bucket's own lists. O(its rows + kFine).
+  void merge(int64_t t, int64_t b) const {
+    const std::vector<int32_t> rows = take(t, b);
+    pool[3 + pool[2]++] = blk[t * kBuckets + b];
+    blk[t * kBuckets + b] = -1;
+    std::fill_n(heads + (t * kBuckets + b) * kLanes, kLanes, -1);
+    for (const int32_t r : rows) link(r, t, bkt[r]);
+  }
+
+  // Move row r (of local table t) into the bucket (and run) of value v: O(1) amortised.
+  SGL_INLINE void relink(int64_t r, int64_t t, float v) const {
+    u[r] = v;
+    const int32_t nf = shrink_fine(v);
+    const int32_t of = bkt[r];
+    if (of == nf) return;
+    const int64_t nb = nf >> kFineBits;
+    if (of >= 0) {
+      const int64_t ob = of >> kFineBits;
+      if (ob == nb && block(t, ob) < 0) {  // the same bucket, which has no runs
+        bkt[r] = nf;
+        return;
       }
+      unlink(r, t, of);
+      if (ob == nb) {
+        link(r, t, nf);
+        return;
+      }
+      if (--hist[t * kBuckets + ob] < pool[1] && block(t, ob) >= 0) merge(t, ob);
     }
+    link(r, t, nf);
+    if (++hist[t * kBuckets + nb] > pool[0] && block(t, nb) < 0) split(t, nb);
+  }
+
+  // f(r) for every row of bucket b of table t. O(rows of the bucket); checks the lists
+  // against the counts.
+  template <typename F>
+  void walk(int64_t t, int64_t b, F&& f) const {
+    const int32_t k = block(t, b);
+    if (k < 0) {
+      const int64_t want = hist[t * kBuckets + b];
+      TORCH_CHECK(walk_lists(lists(t, b, 0), nxt, u, want, f) == want,
+                  "shrink index: a bucket's lists disagree with its count");
+      return;
+    }
+    for (int64_t j = 0; j < kFine; ++j) walk_run(t, b, j, f);
+  }
+
+  // f(r) for every row of run j of bucket b of table t: O(rows of the run) when the bucket has
+  // a block, else O(rows of the bucket) (at most `split`).
+  template <typename F>
+  void walk_run(int64_t t, int64_t b, int64_t j, F&& f) const {
+    const int32_t k = block(t, b);
+    if (k < 0) {  // (not through walk: its template would recurse)
+      const int64_t want = hist[t * kBuckets + b];
+      TORCH_CHECK(walk_lists(lists(t, b, 0), nxt, u, want, [&](int32_t r) {
+                    if ((bkt[r] & (kFine - 1)) == j) f(r);
+                  }) == want,
+                  "shrink index: a bucket's lists disagree with its count");
+      return;
+    }
+    const int64_t want = fhist[static_cast<int64_t>(k) * kFine + j];
+    TORCH_CHECK(walk_lists(lists(t, b, j), nxt, u, want, f) == want,
+                "shrink index: a run's lists disagree with its count");
   }
 };
 
 Index make_index(at::TensorList index) {
   Index ix;
   if (index.size() == 0) return ix;
-  TORCH_CHECK(index.size() == 6, "index: shrink, bucket, next, prev, heads, hist");
+  TORCH_CHECK(index.size() == 10,
+              "index: shrink, bucket, next, prev, heads, hist, block, fine heads, fine hist, pool");
   ix.u = index[0].data_ptr<float>();
   ix.bkt = index[1].data_ptr<int32_t>();
   ix.nxt = index[2].data_ptr<int32_t>();
   ix.prv = index[3].data_ptr<int32_t>();
   ix.heads = index[4].data_ptr<int32_t>();
   ix.hist = index[5].data_ptr<int64_t>();
+  ix.blk = index[6].data_ptr<int32_t>();
+  ix.fheads = index[7].data_ptr<int32_t>();
+  ix.fhist = index[8].data_ptr<int64_t>();
+  ix.pool = index[9].data_ptr<int32_t>();
   return ix;
 }
 
@@ -797,9 +916,9 @@ void shrink_index_relink(const at::Tensor& rows, const at::Tensor& tables,
 }
 
 // The rows linked into buckets [lo, hi] of table t whose value u lies in (a, b], for every row
-// (t, lo, hi) of `ranges` ([K, 3] int64) and (a, b) of `bounds` ([K, 2] float64), concatenated:
-// O(rows of the buckets walked); the values filter in the walk, so only the rows asked for
-// come back.
+// (t, lo, hi) of `ranges` ([K, 3] int64) and (a, b) of `bounds` ([K, 2] float64), concatenated.
+// A bucket with runs walks only its runs that meet (a, b]: O(rows of the runs and of the
+// buckets without runs walked + buckets + kFine per bucket with runs).
 at::Tensor shrink_index_rows(const at::Tensor& ranges, const at::Tensor& bounds,
                              at::TensorList index) {
   const Index ix = make_index(index);
@@ -808,46 +927,73 @@ at::Tensor shrink_index_rows(const at::Tensor& ranges, const at::Tensor& bounds,
   TORCH_CHECK(bounds.numel() == 2 * K, "bounds: [K, 2]");
   const int64_t* q = ranges.data_ptr<int64_t>();
   const double* lim = bounds.data_ptr<double>();
-  int64_t total = 0;
-  for (int64_t k = 0; k < K; ++k)
-    for (int64_t b = std::max<int64_t>(q[3 * k + 1], 0);
-         b <= std::min<int64_t>(q[3 * k + 2], kBuckets - 1); ++b)
-      total += ix.hist[q[3 * k] * kBuckets + b];
-  at::Tensor out = at::empty({total}, at::kLong);
-  int64_t* o = out.data_ptr<int64_t>();
-  int64_t m = 0, walked = 0;
+  std::vector<int64_t> out;
   for (int64_t k = 0; k < K; ++k) {
+    const int64_t t = q[3 * k];
     const double a = lim[2 * k], z = lim[2 * k + 1];
+    const auto take = [&](int32_t r) {
+      const double v = ix.u[r];
+      if (v > a && v <= z) out.push_back(r);
+    };
     for (int64_t b = std::max<int64_t>(q[3 * k + 1], 0);
          b <= std::min<int64_t>(q[3 * k + 2], kBuckets - 1); ++b) {
-      const int64_t expect = walked + ix.hist[q[3 * k] * kBuckets + b];
-      ix.walk(q[3 * k], b, [&](int32_t r) {
-        if (walked++ >= expect) return;  // a list longer than its count: reported below
-        const double v = ix.u[r];
-        if (v > a && v <= z) o[m++] = r;
-      });
-      TORCH_CHECK(walked == expect, "shrink index: a bucket's lists disagree with its count");
+      if (ix.hist[t * kBuckets + b] == 0) continue;
+      if (ix.block(t, b) < 0) {
+        ix.walk(t, b, take);
+        continue;
+      }
+      for (int64_t j = 0; j < kFine; ++j) {
+        // run j holds the float32 values of bit patterns first..first + 2^kFineShift - 1
+        const uint32_t first = (static_cast<uint32_t>(b) << kShift) + 1u +
+                               (static_cast<uint32_t>(j) << kFineShift);
+        const uint32_t last = first + (1u << kFineShift) - 1u;
+        float lo_v, hi_v;
+        std::memcpy(&lo_v, &first, 4);
+        std::memcpy(&hi_v, &last, 4);
+        const bool zeros = b == 0 && j == 0;  // also holds u <= 0
+        if (!zeros && (static_cast<double>(hi_v) <= a || static_cast<double>(lo_v) > z)) continue;
+        ix.walk_run(t, b, j, take);
+      }
     }
   }
-  TORCH_CHECK(walked == total, "shrink index: a list is shorter than its count");
-  return out.narrow(0, 0, m).clone();
+  at::Tensor res = at::empty({static_cast<int64_t>(out.size())}, at::kLong);
+  std::copy(out.begin(), out.end(), res.data_ptr<int64_t>());
+  return res;
 }
 
-// The values of the rows in bucket b of table t, as a count per float32 value: out[j] counts the
-// rows whose u has the bit pattern (b << kShift) + 1 + j (u <= 0, in bucket 0, counts as j = 0).
-// int64 [1 << kShift]; O(rows of the bucket).
-at::Tensor shrink_index_patterns(int64_t t, int64_t b, at::TensorList index) {
+// The rows of bucket b of table t per run: int64 [kFine], out[j] counting the rows whose u has a
+// bit pattern in (b << kShift) + 1 + j * 2^kFineShift + [0, 2^kFineShift) (u <= 0, in bucket 0,
+// counts in run 0). O(kFine) for a bucket with runs, else O(rows of the bucket) (< split).
+at::Tensor shrink_index_runs(int64_t t, int64_t b, at::TensorList index) {
   const Index ix = make_index(index);
   TORCH_CHECK(ix.u != nullptr, "an index is needed");
   TORCH_CHECK(b >= 0 && b < kBuckets, "bucket out of range");
-  constexpr int64_t P = int64_t(1) << kShift;
+  at::Tensor out = at::zeros({kFine}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  const int32_t k = ix.block(t, b);
+  if (k >= 0) {
+    std::copy_n(ix.fhist + static_cast<int64_t>(k) * kFine, kFine, o);
+  } else {
+    ix.walk(t, b, [&](int32_t r) { ++o[ix.bkt[r] & (kFine - 1)]; });
+  }
+  return out;
+}
+
+// The values of the rows in run j of bucket b of table t, as a count per float32 value: out[i]
+// counts the rows whose u has the bit pattern (b << kShift) + 1 + j * 2^kFineShift + i (u <= 0
+// counts as i = 0 of run 0). int64 [2^kFineShift]; O(rows of the run) for a bucket with runs,
+// else O(rows of the bucket).
+at::Tensor shrink_index_patterns(int64_t t, int64_t b, int64_t j, at::TensorList index) {
+  const Index ix = make_index(index);
+  TORCH_CHECK(ix.u != nullptr, "an index is needed");
+  TORCH_CHECK(b >= 0 && b < kBuckets && j >= 0 && j < kFine, "bucket or run out of range");
+  constexpr int64_t P = int64_t(1) << kFineShift;
   at::Tensor out = at::zeros({P}, at::kLong);
   int64_t* o = out.data_ptr<int64_t>();
-  const uint32_t base = (static_cast<uint32_t>(b) << kShift) + 1u;
-  ix.walk(t, b, [&](int32_t r) {
-    const float v = ix.u[r];
-    uint32_t bits = 0;
-    if (v > 0.0f) std::memcpy(&bits, &v, 4);
+  const uint32_t base = (static_cast<uint32_t>(b) << kShift) + 1u +
+                        (static_cast<uint32_t>(j) << kFineShift);
+  ix.walk_run(t, b, j, [&](int32_t r) {
+    const uint32_t bits = shrink_bits(ix.u[r]);
     ++o[bits >= base ? std::min<int64_t>(bits - base, P - 1) : 0];
   });
   return out;
@@ -888,7 +1034,8 @@ TORCH_LIBRARY(lightning_sgl, m) {
       "Tensor(e!) counts, Tensor(f!)[] index, int rule, bool rowwise, bool exact) -> Tensor");
   m.def("shrink_index_relink(Tensor rows, Tensor tables, Tensor values, Tensor(a!)[] index) -> ()");
   m.def("shrink_index_rows(Tensor ranges, Tensor bounds, Tensor[] index) -> Tensor");
-  m.def("shrink_index_patterns(int table, int bucket, Tensor[] index) -> Tensor");
+  m.def("shrink_index_runs(int table, int bucket, Tensor[] index) -> Tensor");
+  m.def("shrink_index_patterns(int table, int bucket, int run, Tensor[] index) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(lightning_sgl, CPU, m) {
@@ -896,6 +1043,7 @@ TORCH_LIBRARY_IMPL(lightning_sgl, CPU, m) {
   m.impl("group_tbe_reprox", &group_tbe_reprox);
   m.impl("shrink_index_relink", &shrink_index_relink);
   m.impl("shrink_index_rows", &shrink_index_rows);
+  m.impl("shrink_index_runs", &shrink_index_runs);
   m.impl("shrink_index_patterns", &shrink_index_patterns);
 }
 

@@ -8,6 +8,7 @@ alone; FBGEMM is used for the CPU forward when installed.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -26,15 +27,19 @@ from lightning_sgl.optim.functional import (
 
 from . import native, rows
 from .forward import fbgemm_applies, fbgemm_pool, plan_pool
-from .index import BUCKETS, LANES, SHIFT, ShrinkIndex, bucket_of
+from .index import BLOCK_BYTES, BUCKETS, LANES, MERGE, RUN, RUNS, ShrinkIndex, bucket_of
 from .layout import TableLayout, TableSpec
 from .plan import check_ids, check_offsets, make_plan
 from .update import eager_update, native_update, warn_once
 
 __all__ = ["GroupTBE", "COMPILE_MIN_WEIGHTS", "OVERRIDABLE", "REAPPLY_MARGIN"]
 
-#: relative widening of the (old, new] lambda21 interval of :meth:`GroupTBE.reapply_prox_between`
-REAPPLY_MARGIN = 1e-5
+#: relative widening of the (old, new] lambda21 interval of :meth:`GroupTBE.reapply_prox_between`:
+#: a re-application recomputes a row's norm from its stored state, which differs from the norm
+#: of its last write (whose float32 ``u`` the index holds) by a few float32 steps at most
+#: (``(z + sigma x) - sigma x`` per element, then the rounding of ``u``); 2e-6 is >= 16 of them.
+#: Kept small because shrink norms crowd (at 4e6 rows a relative 1e-5 held ~2,400 rows).
+REAPPLY_MARGIN = 2e-6
 
 #: on CUDA, ``compiled=None`` compiles the update of kernels with at least this many weights
 COMPILE_MIN_WEIGHTS = 1 << 20
@@ -444,6 +449,28 @@ class GroupTBE(nn.Module):
         """``(seen, non-zero)`` boolean flags of the rows of local table ``i`` (O(rows) scan)."""
         return self.feature_counts_state.local_flags(i)
 
+    @torch.no_grad()
+    def scale_dual(self, factor: float) -> None:
+        """Multiply the stored dual of every seen row by ``factor`` (the refit's give-back of
+        shrinkage, ``SparsityMonitor(refit_relax=...)``); a row never seen holds the dual it was
+        created with and is left as it is. The weights are not touched, so the feature counts
+        stay valid; the shrink-norm index is rebuilt at its next use (the norms moved).
+
+        Args:
+            factor: a finite number (validated first: on error nothing changes).
+
+        Cost: O(rows held) for the scan of the ``seen`` flags (1 byte per row), O(rows seen x
+        dim) for the values -- not a pass over every row's dual."""
+        factor = float(factor)
+        if not math.isfinite(factor):
+            raise ValueError(f"Invalid factor: {factor!r} (a finite number)")
+        for i in range(len(self.tables)):
+            rows = self.row_seen_view(i).nonzero().view(-1)
+            if rows.numel():
+                dual = self.layout.table_view(self.dual, i)
+                dual.index_copy_(0, rows, dual.index_select(0, rows).mul_(factor))
+        self.shrink_index.invalidate(recompute=True)
+
     def reapply_prox(self) -> None:
         """Re-apply the proximal step with the current hyperparameters to every seen row (so a
         changed ``lambda21`` also acts on rows the batches do not touch). O(seen rows);
@@ -492,14 +519,24 @@ class GroupTBE(nn.Module):
                 out[t.name] = out[t.name] + h if t.name in out else h.clone()
         return out
 
-    def shrink_value_counts(self, name: str, bucket: int) -> Tensor:
-        """int64 ``[2**SHIFT]``: table ``name``'s seen rows (its column-offset-0 shards) per
-        float32 value of ``bucket`` (see :meth:`.index.ShrinkIndex.value_counts`). O(rows of the
-        bucket) with the native index."""
-        out = torch.zeros(1 << SHIFT, dtype=torch.int64)
+    def shrink_run_counts(self, name: str, bucket: int) -> Tensor:
+        """int64 ``[RUNS]``: table ``name``'s seen rows (its column-offset-0 shards) per run of
+        ``bucket`` (:meth:`.index.ShrinkIndex.run_counts`). O(RUNS) for a bucket of more than
+        ``SPLIT`` rows, else O(rows of the bucket), with the native index."""
+        out = torch.zeros(RUNS, dtype=torch.int64)
         for i, t in enumerate(self.tables):
             if t.name == name and t.col_offset == 0:
-                out += self.shrink_index.value_counts(i, bucket)
+                out += self.shrink_index.run_counts(i, bucket)
+        return out
+
+    def shrink_value_counts(self, name: str, bucket: int, run: int) -> Tensor:
+        """int64 ``[RUN]``: table ``name``'s seen rows (its column-offset-0 shards) per float32
+        value of run ``run`` of ``bucket`` (:meth:`.index.ShrinkIndex.value_counts`). O(rows of
+        the run) with the native index."""
+        out = torch.zeros(RUN, dtype=torch.int64)
+        for i, t in enumerate(self.tables):
+            if t.name == name and t.col_offset == 0:
+                out += self.shrink_index.value_counts(i, bucket, run)
         return out
 
     def shrink_norms(self) -> dict[str, Tensor]:
@@ -529,7 +566,8 @@ class GroupTBE(nn.Module):
         the TorchRec planner's storage estimate uses it (:mod:`torchrec_ext.planner`).
 
         Returns ``{"weights", "dual", <state names>..., "seen", "shrink"}`` and, with the native
-        extension, ``"shrink_index"`` (the bucket lists of :mod:`.index`)."""
+        extension, ``"shrink_index"`` (the bucket lists, counts and run blocks of :mod:`.index`:
+        at most ``rows // MERGE`` blocks, reserved, touched only when a bucket needs one)."""
         spec = get_spec(optimizer)
         if rowwise and not spec.rowwise_ok:
             raise ValueError(f"Invalid rowwise: True (optimizer {optimizer!r} has no second moment)")
@@ -539,8 +577,9 @@ class GroupTBE(nn.Module):
             out[name] = (rows if spec.state_is_rowwise(name, rowwise) else rows * cols) * es
         out["seen"] = rows
         out["shrink"] = 4 * rows
-        if native.available():  # the shrink-norm index's bucket lists (.index), host memory
-            out["shrink_index"] = 12 * rows + (8 + 4 * LANES) * BUCKETS
+        if native.available():  # the shrink-norm index's lists and blocks (.index), host memory
+            out["shrink_index"] = (12 * rows + (12 + 4 * LANES) * BUCKETS
+                                   + BLOCK_BYTES * (rows // MERGE))
         return out
 
     def state_bytes_per_row(self) -> dict[str, float]:
@@ -553,7 +592,7 @@ class GroupTBE(nn.Module):
     def allocated_bytes(self) -> int:
         """Bytes of every buffer of the kernel (weights, dual, states, seen, shrink, step) and of
         its shrink-norm index."""
-        index = sum(t.numel() * t.element_size() for t in self.shrink_index.tensors()[1:])
+        index = self.shrink_index.nbytes() if self.shrink_index.linked else 0
         return sum(b.numel() * b.element_size() for b in self.buffers()) + index
 
 
