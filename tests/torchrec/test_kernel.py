@@ -730,6 +730,41 @@ def test_shrink_index_blocks_split_and_merge_as_rows_move(compiled):
 
 
 @pytest.mark.parametrize("engine", ["native", "eager"])
+def test_index_stays_valid_through_writes_before_any_row_is_seen(engine):
+    """Initialising the weights after construction (as every model does) leaves the empty
+    index valid: after the first updates it is current without a rebuild and equals a full
+    scan. Negative controls: an outside write after training, or ``seen`` flags written before
+    the first update, still make it stale."""
+    if engine == "native" and not native.available():
+        pytest.skip("native kernel not built")
+
+    def fresh():
+        k = GroupTBE(REAL_TABLES, REAL_FTM, optimizer="adagrad", rowwise=True,
+                     hyperparameters={**HP["adagrad"], "lambda21": 1e-3},
+                     compiled=engine == "native")
+        torch.manual_seed(0)
+        k.weights.uniform_(-0.3, 0.3)  # the model's initialisation, after construction
+        return k
+
+    k = fresh()
+    assert k.shrink_index.stale()
+    batches = _realistic_batches(3)
+    for indices, offsets, w, target in batches:
+        (k(indices, offsets, w) * target).sum().backward()
+    assert not k.shrink_index.stale()
+    _check_index(k)
+    k.weights.mul_(0.5)  # an outside write once rows are seen
+    assert k.shrink_index.stale()
+    k2 = fresh()
+    k2.seen[:10] = 1  # seen flags written before the first update
+    indices, offsets, w, target = batches[0]
+    (k2(indices, offsets, w) * target).sum().backward()
+    assert k2.shrink_index.stale()
+    k2.shrink_histograms()  # rebuilt at its next use
+    _check_index(k2, values=False)
+
+
+@pytest.mark.parametrize("engine", ["native", "eager"])
 def test_scale_dual_scales_the_seen_rows_only(engine):
     """``scale_dual`` (the refit's give-back): every seen row's dual times the factor, an unseen
     row's dual (set by hand here) and every weight unchanged, the counts still valid, the index

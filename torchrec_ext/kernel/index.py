@@ -119,6 +119,8 @@ class ShrinkIndex:
         self._mode = None  # None: current; "relink": from the stored shrink; "recompute"
         self._pending = None
         self._stamp = self._versions()
+        #: no update has run yet (see :meth:`before_first_update`)
+        self.pristine = True
 
     # ------------------------------------------------------------------ validity
     def _versions(self) -> tuple[int, ...]:
@@ -137,6 +139,22 @@ class ShrinkIndex:
     def needs_recompute(self) -> bool:
         """Stale, and not only by a load that brought the ``shrink`` values with it."""
         return self.stale() and self._mode != "relink"
+
+    def before_first_update(self) -> None:
+        """Called by the kernel before its first update. Writes before any row was seen (the
+        tables' initialisation, a load of untrained tables) change nothing the index holds: if
+        no row is seen and none is linked, a stale index is valid as it is (empty) -- re-stamped
+        here, so that the first tuning does not rebuild it (a pass over every row, and every
+        seen row's norm recomputed) for nothing. O(rows held) once (the ``seen`` scan), and
+        only when stale."""
+        self.pristine = False
+        if not self.stale():
+            return
+        if self.linked and bool(self.hist.any()):
+            return
+        if not bool(self.kernel.seen.any()):
+            self._mode = None
+            self._stamp = self._versions()
 
     def begin(self) -> None:
         """Before one of our own (version-moving) writes: remember whether the index was valid."""

@@ -397,6 +397,8 @@ class GroupTBE(nn.Module):
 
     def _backward(self, ctx, grad_out: Tensor, per_sample_weights: Tensor | None):
         engine, indices, offsets, plan, _ = ctx
+        if self.shrink_index.pristine:
+            self.shrink_index.before_first_update()
         if engine == "native":
             native_update(self, indices, offsets, grad_out, per_sample_weights)
             return None
