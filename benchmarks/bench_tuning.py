@@ -16,9 +16,10 @@ TorchRec adapter. Two measurements per size:
    schedule spreads over its ramp) and is reported apart; then ``--tunings`` rounds of 10
    training steps + one tuning: the mean and the largest tuning, how many searched (the others
    found the exact counts on target and were skipped in O(tables)), the rows re-applied per
-   tuning, the collectives of a searching tuning, and the share ``tuning / (tuning + 10
-   steps)``; then ``--tunings`` rounds whose target moves by 1e-4 each time (as on a ramp), so
-   that every tuning searches: the cost of a search at that size, and its share.
+   tuning, the collectives of a searching tuning (the counts' included), and the share ``tuning / (tuning + 10
+   steps)``; then ``--tunings`` rounds whose target moves by 1e-4 each time, with
+   ``tolerance=0`` (no dead band), so that every tuning runs an exact search: the cost of a
+   search at that size, and its share.
 2. **Default-settings run** (the share over a whole fit): a fresh kernel, rows seen only by
    training, ``SparsityMonitor(0.2)`` with the default schedule and refit on a run of
    ``--run-steps`` steps, the Lightning hook's own decisions (``on_train_batch_end``); the total
@@ -62,10 +63,17 @@ class KernelTables:
         self.names = [t.name for t in kernel.tables]
 
     def counts(self):
+        return self.counts_with(None)[0]
+
+    def counts_with(self, extra):
         local = self.kernel.feature_counts()
-        t = torch.tensor([local[n] for n in self.names], dtype=torch.float64)
+        t = torch.tensor([local[n] for n in self.names], dtype=torch.float64).view(-1)
+        n = t.numel()
+        if extra is not None:
+            t = torch.cat([t, extra.reshape(-1).to(torch.float64)])
         t = allreduce_cpu(t)
-        return {n: (int(s), int(z)) for n, (s, z) in zip(self.names, t.tolist())}
+        counts = {name: (int(s), int(z)) for name, (s, z) in zip(self.names, t[:n].view(-1, 2).tolist())}
+        return counts, None if extra is None else t[n:].view(extra.shape)
 
     def norms(self):
         return {n: (v, DIM) for n, v in self.kernel.shrink_norms().items()}
@@ -177,18 +185,20 @@ def held_target(world: int, local_rows: int, gen, tunings: int) -> dict:
         reapplied.append(last["rows_reapplied"])
         if not last.get("skipped"):
             searched += 1
-            coll = last["threshold_collectives"]
+            coll = last["collectives"]
     counts = monitor._tables.counts()
     seen = sum(s for s, _ in counts.values())
-    # searches: the target nudged by 1e-4 at every tuning (as on a ramp), so none is skipped
+    # searches: the target nudged by 1e-4 at every tuning, without the dead band (which would
+    # skip such a nudge), so that every tuning runs an exact search
     search_times, search_rows = [], []
+    monitor.tolerance = 0.0
     for i in range(tunings):
         monitor.target = 0.2 + (1e-4 if i % 2 == 0 else 0.0)
         step_times.append(timed(world, train, every))
         search_times.append(timed(world, monitor._tune, (tunings + i + 2) * every))
         assert not monitor.last_tuning.get("skipped")
         search_rows.append(monitor.last_tuning["rows_reapplied"])
-        coll = monitor.last_tuning["threshold_collectives"]
+        coll = monitor.last_tuning["collectives"]
     return dict(first=first, first_rows=first_rows, train=statistics.mean(step_times),
                 tune=statistics.mean(tune_times), tune_max=max(tune_times), searched=searched,
                 tunings=tunings, collectives=coll, reapplied=statistics.mean(reapplied),
@@ -209,7 +219,7 @@ def default_run(world: int, local_rows: int, gen, steps: int) -> dict:
     monitor.ramp_steps = int(monitor.schedule_share * steps)
     monitor.refit_start = steps - int(monitor.refit_share * steps)
     train_s = tune_s = 0.0
-    tunings = 0
+    tunings = searches = 0
     for step in range(1, steps + 1):
         ids, offsets = batches[step % len(batches)]
         train_s += timed(1, lambda i, o: kernel(i, o).sum().backward(), ids, offsets)
@@ -217,9 +227,11 @@ def default_run(world: int, local_rows: int, gen, steps: int) -> dict:
         trainer = SimpleNamespace(global_step=step, log_every_n_steps=10 * steps)
         tune_s += timed(world, monitor.on_train_batch_end, trainer, None, None, None, 0)
         tunings += monitor.last_tuning is not before
+        searches += monitor.last_tuning is not before and not monitor.last_tuning.get("skipped")
     counts = monitor._tables.counts()
     seen = sum(s for s, _ in counts.values())
-    return dict(run_train=train_s, run_tune=tune_s, run_tunings=tunings, run_seen=seen,
+    return dict(run_train=train_s, run_tune=tune_s, run_tunings=tunings, run_searches=searches,
+                run_seen=seen,
                 run_rate=sum(z for _, z in counts.values()) / seen)
 
 
@@ -263,8 +275,8 @@ def main(argv=None):
           f"{DEFAULT_SCHEDULE}")
     print("| rows / table | ranks | first tuning ms (rows re-applied) | tuning ms, mean / max | "
           "searched | rows re-applied / tuning | 10 training steps ms | tuning share | "
-          "search ms, mean / max (rows re-applied) | search share | threshold collectives | "
-          "rate after | default run: tunings, share | run rate |")
+          "search ms, mean / max (rows re-applied) | search share | collectives / search | "
+          "rate after | default run: tunings (searched), share | run rate |")
     print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for rows in args.sizes:
         for world in args.ranks:
@@ -293,7 +305,8 @@ def main(argv=None):
                     f"{out['collectives']} | {out['rate']:.4f} | ")
             if "run_train" in out:
                 run_share = out["run_tune"] / (out["run_tune"] + out["run_train"])
-                line += f"{out['run_tunings']}, {run_share:.1%} | {out['run_rate']:.4f} |"
+                line += (f"{out['run_tunings']} ({out['run_searches']} searched), "
+                         f"{run_share:.1%} | {out['run_rate']:.4f} |")
             else:
                 line += "- | - |"
             print(line, flush=True)

@@ -74,23 +74,36 @@ def _recount(mods, pg, distributed: bool) -> None:
             k.recount(combined.get(id(k)))
 
 
+def _has_column_shards(mods) -> bool:
+    """Whether the plan (the same on every rank) column-shards a table. O(tables)."""
+    return any(ps.sharding_type in _COLUMN for _, m in mods for ps in m.module_sharding_plan.values())
+
+
 @torch.no_grad()
-def feature_counts(module: nn.Module, pg=None) -> dict[str, tuple[int, int]]:
+def feature_counts(module: nn.Module, pg=None, extra: Tensor | None = None):
     """``{"<ebc path>.<table>" or "<table>": (rows seen, seen rows that are non-zero)}``, exact
     over all ranks (collective: call on every rank).
 
-    Cost: O(tables) and two small all-reduces -- the kernels keep their counts up to date as
+    Args:
+        module: the (sharded) model.
+        pg: the process group (default: the world).
+        extra: a float64 tensor summed over the ranks in the same all-reduce (the first level
+            of a threshold search, :class:`~lightning_sgl.SparsityMonitor`); then
+            ``(counts, extra summed)`` is returned.
+
+    Cost: O(tables) and one small all-reduce -- the kernels keep their counts up to date as
     they write rows. Only after a write by someone else (a checkpoint load) do they rebuild them,
-    O(rows) once (decided over all ranks, so that the column-shard reductions line up)."""
+    O(rows) once: each rank its own, or, with a column-sharded table in the plan, decided over
+    all ranks (one more all-reduce, so that the column-shard reductions line up)."""
     distributed = dist.is_initialized() and dist.get_world_size(pg) > 1
     mods = group_modules(module)
     stale = any(k.counts_stale() for _, m in mods for k in m.group_kernels())
-    if distributed:
+    if distributed and _has_column_shards(mods):
         flag = torch.tensor([float(stale)], device=_pg_device(pg))
         dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=pg)
         stale = bool(flag.item())
     if stale:
-        _recount(mods, pg, distributed)
+        _recount(mods, pg, distributed and _has_column_shards(mods))
     keys: list[str] = []
     for path, sharded in mods:
         key = _keyed(mods, path)
@@ -104,11 +117,18 @@ def feature_counts(module: nn.Module, pg=None) -> dict[str, tuple[int, int]]:
             for t, (seen, nz) in zip(k.tables, k.table_counts()):
                 if t.col_offset == 0:  # a column-sharded row is counted by one shard
                     local[index[key(t.name)]] += torch.tensor([seen, nz], dtype=torch.float64)
-    if distributed and len(keys):
-        local = local.to(_pg_device(pg))
-        dist.all_reduce(local, group=pg)
-        local = local.cpu()
-    return {k: (int(local[j, 0]), int(local[j, 1])) for k, j in index.items()}
+    flat = local.view(-1)
+    if extra is not None:
+        flat = torch.cat([flat, extra.reshape(-1).to(torch.float64)])
+    if distributed and flat.numel():
+        flat = flat.to(_pg_device(pg))
+        dist.all_reduce(flat, group=pg)
+        flat = flat.cpu()
+    local = flat[:local.numel()].view(-1, 2)
+    counts = {k: (int(local[j, 0]), int(local[j, 1])) for k, j in index.items()}
+    if extra is None:
+        return counts
+    return counts, flat[local.numel():].view(extra.shape)
 
 
 def _keyed(mods: list, path: str):
@@ -189,8 +209,7 @@ def _ensure_indexes(module: nn.Module, pg=None) -> list:
     ``group_modules(module)``. O(tables); a rebuild is O(rows), once after an outside write."""
     mods = group_modules(module)
     kernels = [k for _, m in mods for k in m.group_kernels()]
-    if not any(ps.sharding_type in _COLUMN for _, m in mods
-               for ps in m.module_sharding_plan.values()):  # the plan: the same on every rank
+    if not _has_column_shards(mods):
         for k in kernels:
             k.shrink_index.ensure()
         return mods

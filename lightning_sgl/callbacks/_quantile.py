@@ -27,7 +27,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-__all__ = ["thresholds", "histogram_thresholds", "Collectives"]
+__all__ = ["thresholds", "histogram_thresholds", "first_level", "Collectives", "FULL_FIRST_LEVEL"]
 
 #: thresholds are never below this (a lambda21 of exactly 0 would switch the group lasso off)
 FLOOR = 1e-12
@@ -191,12 +191,33 @@ def _from_pattern(p: int) -> float:
     return struct.unpack("<f", struct.pack("<I", int(p)))[0]
 
 
+#: the first level all-reduces the whole histograms when they hold at most this many counts in
+#: all (one collective less; a gloo all-reduce of 32k doubles costs about what one of 8 does),
+#: else their sums over ``bins`` groups of buckets
+FULL_FIRST_LEVEL = 1 << 15
+
+
+def first_level(hists: list[Tensor], bins: int = 256) -> Tensor:
+    """What the first all-reduce of :func:`histogram_thresholds` carries (float64 ``[groups,
+    n]``): the whole histograms if they hold at most :data:`FULL_FIRST_LEVEL` counts in all,
+    else their sums over ``bins`` groups of consecutive buckets. A caller may all-reduce it
+    together with its own values (one collective) and pass the result as ``first``. O(groups x
+    buckets)."""
+    h = torch.stack([x.to(torch.float64).reshape(-1) for x in hists])
+    if h.numel() <= FULL_FIRST_LEVEL:
+        return h
+    f = -(-h.shape[1] // bins)
+    return torch.nn.functional.pad(h, (0, bins * f - h.shape[1])).view(len(hists), bins, f).sum(2)
+
+
 def histogram_thresholds(hists: list[Tensor], keeps: list[int],
                          runs: Callable[[int, int], Tensor],
                          values: Callable[[int, int, int], Tensor],
                          allreduce: Collectives, edge: Callable[[int], float],
                          floor: float = FLOOR, bins: int = 256,
-                         above: list[int] | None = None) -> list[float]:
+                         above: list[int] | None = None,
+                         first: Tensor | None = None, tolerance: float = 0.0,
+                         known_runs: list[dict[int, Tensor]] | None = None) -> list[float]:
     """:func:`thresholds` from histograms kept by the kernels instead of a pass over all values.
 
     Group ``i`` has this rank's counts ``hists[i]`` per bucket, bucket ``b`` holding the float32
@@ -206,8 +227,8 @@ def histogram_thresholds(hists: list[Tensor], keeps: list[int],
     bucket ``b`` in group ``i`` (``[bins]``), ``values(i, b, r)`` its count per value of run
     ``r`` (``[w]``, in increasing order; values ``<= 0`` counted as the first of run 0). The
     threshold is exact -- the same count above it as sorting all values would give (see
-    :func:`thresholds`) -- in four SUM all-reduces of at most ``bins`` counts per group,
-    whatever the number of values or ranks:
+    :func:`thresholds`) -- in four SUM all-reduces of at most ``bins`` counts per group
+    (levels 1-2 in one when small, below), whatever the number of values or ranks:
 
     1. the histograms summed over groups of consecutive buckets (``bins`` groups);
     2. the buckets of the group that holds the ``(keep+1)``-th largest value ``v*`` -> its bucket;
@@ -220,43 +241,80 @@ def histogram_thresholds(hists: list[Tensor], keeps: list[int],
     move a row across it; ties at ``v*`` all fall below; ``floor`` when at most ``keep`` values
     exceed ``floor``.
 
+    Levels 1 and 2 are one all-reduce of the whole histograms when they are small (at most
+    :data:`FULL_FIRST_LEVEL` counts in all, e.g. one group of the index's buckets): 3
+    collectives. ``first``: the first level already all-reduced by the caller (of
+    :func:`first_level` ``(hists, bins)``, e.g. in one collective with its own counts; not
+    counted here).
+
+    ``tolerance``: when, in every group, the run that holds ``v*`` holds at most ``tolerance x
+    keep`` values (over all ranks), level 4 is skipped: ``t`` is the midpoint of the run's last
+    value and the next float32, every value of the run falls below, and up to that many fewer
+    than ``keep`` stay above (the same decision on every rank: it reads all-reduced counts).
+    0 (the default): always exact.
+
+    ``known_runs``: per group, all-reduced run counts of some buckets (sent by the caller with
+    ``first``, where it guessed the cut would fall): when every group's bucket is among them,
+    level 3 needs no collective (the decision reads all-reduced values: the same on every rank).
+
     ``above`` (a list, filled if given): per group, how many values (over all ranks) lie above
     the threshold returned -- known from the histograms, no collective.
 
     Cost per rank: O(groups x buckets) for the sums, ``runs`` of one bucket and ``values`` of one
-    run per group; 4 collectives.
+    run per group; 3 or 4 collectives (one less with ``first``, one less with a right guess in
+    ``known_runs``, one less when ``tolerance`` allows).
     """
     g = len(hists)
     if g == 0:
         return []
     h = torch.stack([x.to(torch.float64).reshape(-1) for x in hists])
-    f = -(-h.shape[1] // bins)  # buckets per group of level 1
-    h = torch.nn.functional.pad(h, (0, bins * f - h.shape[1]))
     keep = torch.tensor(keeps, dtype=torch.float64)
     zero = torch.zeros(g, dtype=torch.float64)
     # 1-2. the bucket that holds v*
-    coarse = allreduce(h.view(g, bins, f).sum(2), "sum")
+    coarse = allreduce(first_level(hists, bins), "sum") if first is None else first
     done = coarse.sum(1) <= keep
     c1, above1 = _cross(coarse, zero, keep)
-    fine = allreduce(torch.stack([h[i, int(c) * f: (int(c) + 1) * f]
-                                  for i, c in enumerate(c1.tolist())]), "sum")
-    j1, above2 = _cross(fine, above1, keep)
-    buckets = [int(c) * f + int(j) for c, j in zip(c1.tolist(), j1.tolist())]
+    if coarse.shape[1] == h.shape[1]:  # the whole histograms: c1 is the bucket
+        above2 = above1
+        buckets = [int(c) for c in c1.tolist()]
+    else:
+        f = -(-h.shape[1] // bins)  # buckets per group of level 1
+        h = torch.nn.functional.pad(h, (0, bins * f - h.shape[1]))
+        fine = allreduce(torch.stack([h[i, int(c) * f: (int(c) + 1) * f]
+                                      for i, c in enumerate(c1.tolist())]), "sum")
+        j1, above2 = _cross(fine, above1, keep)
+        buckets = [int(c) * f + int(j) for c, j in zip(c1.tolist(), j1.tolist())]
     # 3-4. the value v* inside it
     n_values = _pattern(edge(1)) - _pattern(edge(0))
     if n_values % bins:
         raise ValueError(f"Invalid bins: {bins} (a bucket's {n_values} values in equal runs)")
     w = n_values // bins  # values per run
     cnt = torch.zeros(g, bins, dtype=torch.float64)
+    guessed = known_runs is not None and all(
+        bool(done[i]) or buckets[i] in known_runs[i] for i in range(g))
     for i in range(g):
         if not bool(done[i]):
-            got = runs(i, buckets[i]).to(torch.float64).reshape(-1)
+            got = (known_runs[i][buckets[i]] if guessed else runs(i, buckets[i]))
+            got = got.to(torch.float64).reshape(-1)
             if got.numel() != bins:
                 raise ValueError(f"Invalid run counts: {got.numel()} runs per bucket, expected "
                                  f"{bins}")
             cnt[i] = got
-    run_sums = allreduce(cnt, "sum")
+    run_sums = cnt if guessed else allreduce(cnt, "sum")
     c3, above3 = _cross(run_sums, above2, keep)
+    in_run = run_sums.gather(1, c3[:, None]).squeeze(1)
+    if tolerance > 0 and bool(((in_run <= tolerance * keep) | done).all()):  # stop at the runs
+        out = []
+        for i in range(g):
+            if above is not None:
+                above.append(int(coarse[i].sum().item()) if bool(done[i])
+                             else int(above3[i].item()))
+            if bool(done[i]):
+                out.append(floor)
+                continue
+            last = _pattern(edge(buckets[i])) + (int(c3[i]) + 1) * w  # the run's last value
+            out.append(max(floor, 0.5 * (_from_pattern(last) + _from_pattern(last + 1))))
+        return out
     one = torch.zeros(g, w, dtype=torch.float64)
     for i in range(g):
         if not bool(done[i]):

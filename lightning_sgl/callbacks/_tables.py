@@ -4,7 +4,9 @@
 ``DenseTables`` (plain ``nn.Embedding``/``nn.EmbeddingBag`` tables trained by a Group optimizer
 from :func:`~lightning_sgl.group_optimizers`). Both give, per table:
 
-- ``counts()``: exact ``(rows seen, seen rows non-zero)`` over all ranks (collective);
+- ``counts()``: exact ``(rows seen, seen rows non-zero)`` over all ranks (collective); TorchRec
+  tables also ``counts_with(extra)``: the same and ``extra`` (float64) summed over the ranks,
+  in the counts' own all-reduce;
 - ``norms()``: local shrink norms of seen rows (each row on one rank) and the group width;
 - ``set_lambda21(values)`` / ``lambda21()`` and ``reapply()`` (re-run the prox on seen rows);
 - TorchRec tables only (the kernels keep a shrink-norm index, :mod:`torchrec_ext.kernel.index`):
@@ -42,6 +44,9 @@ class TorchRecTables:
 
     def counts(self) -> dict[str, tuple[int, int]]:
         return self._fr.feature_counts(self.module)
+
+    def counts_with(self, extra: Tensor | None) -> tuple[dict[str, tuple[int, int]], Tensor | None]:
+        return self._fr.feature_counts(self.module, extra=extra)
 
     def layouts(self) -> dict[str, tuple[int, int, int]]:
         """Per table ``(num_embeddings, dim, features)``."""

@@ -72,7 +72,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.rank_zero import rank_zero_info
 
 from ..factory import GROUP_LASSO_MARK
-from ._quantile import FLOOR, Collectives, histogram_thresholds, thresholds
+from ._quantile import FLOOR, Collectives, _cross, first_level, histogram_thresholds, thresholds
 from ._tables import allreduce_cpu, tables_of
 
 __all__ = ["SparsityMonitor", "bisect_threshold", "feature_rates", "global_threshold",
@@ -245,6 +245,17 @@ def _on_target(keeps: dict, counts: dict[str, tuple[int, int]], lam: dict[str, f
                for n, k in keeps.items())
 
 
+def _group_runs(tables, names: list[str], b: int) -> torch.Tensor:
+    """This rank's run counts of bucket ``b`` summed over tables ``names`` (one search group)."""
+    got = tables.run_counts(dict.fromkeys(names, b))
+    return sum((got[n] for n in names), torch.zeros_like(got[names[0]]))
+
+
+def _group_seen(groups: dict, counts: dict[str, tuple[int, int]]) -> list[int]:
+    """Rows seen per search group (all ranks)."""
+    return [sum(counts[n][0] for n in names) for names in groups.values()]
+
+
 def table_thresholds(local: dict[str, tuple[torch.Tensor, float]], keeps: dict[str, int],
                      lo: float = FLOOR, collectives: Collectives | None = None
                      ) -> dict[str, float]:
@@ -320,6 +331,14 @@ class SparsityMonitor(Callback):
             export, overall (an int) or ``{table: bytes}`` (TorchRec tables only).
         serve_dtype: the data type the budget is for: ``"fp32"``, ``"fp16"``, ``"int8"`` or
             ``"int4"``.
+        tolerance: relative dead band, in [0, 1), of the fused (TorchRec) tables' tuning: a
+            tuning whose exact counts keep within ``tolerance x`` the rows the target asks for
+            (per table, or in all for a global target; for a budget only below it, never
+            above) does not search again, and a search may stop at a run of float32 values
+            holding at most ``tolerance / 2 x`` those rows (one collective less) -- keeping up
+            to that many fewer. Default 0.005 (0.5%, a tenth of the +-5% the targets are held
+            to; docs/lightning.md has the costs it saves); 0: every tuning off the exact count
+            searches, and every search is exact. Plain tables always search.
         plot: write ``sparsity_monitor.png`` (feature rate and lambda21 over steps) at fit end.
 
     Logs ``feature_rate`` (progress bar), ``feature_rate/<table>``, ``rows_seen/<table>``,
@@ -333,7 +352,7 @@ class SparsityMonitor(Callback):
                  schedule: str = "cubic", schedule_start: float | None = None,
                  refit_share: float | None = None, refit_relax: float = 0.5,
                  target_bytes: int | dict[str, int] | None = None,
-                 serve_dtype: str = "fp32", plot: bool = True) -> None:
+                 serve_dtype: str = "fp32", tolerance: float = 0.005, plot: bool = True) -> None:
         self._validate_target(target_feature_rate)
         if target_bytes is not None:
             if target_feature_rate is not None:
@@ -357,6 +376,7 @@ class SparsityMonitor(Callback):
             raise ValueError("Invalid refit_share: a refit needs target_feature_rate or "
                              "target_bytes")
         _check_fraction("refit_relax", refit_relax, "0 <= relax <= 1", upper_open=False)
+        _check_fraction("tolerance", tolerance, "0 <= tolerance < 1", upper_open=True)
         if schedule_start and not schedule_share:
             raise ValueError("Invalid schedule_start: a start needs a ramp (schedule_share > 0)")
         if refit_share and schedule_start + schedule_share + refit_share > 1.0 + 1e-9:
@@ -391,6 +411,7 @@ class SparsityMonitor(Callback):
         self.ramp_start = 0
         self.refit_share = float(refit_share)
         self.refit_relax = float(refit_relax)
+        self.tolerance = float(tolerance)
         #: first step of the refit (``None``: none; fixed at the first train start, saved)
         self.refit_start: int | None = None
         #: whether the refit began (the support is fixed; saved for resume)
@@ -404,6 +425,13 @@ class SparsityMonitor(Callback):
         self.last_tuning: dict[str, int] = {}
         #: what the last threshold search asked for and left (``keeps``, ``nonzero`` per table)
         self.searched: dict | None = None
+        #: the target of the last search (in memory only: it steers which collectives carry
+        #: what, never a result; the same on every rank)
+        self._searched_target = None
+        #: (groups, all-reduced first level, rows seen per group) of the last search that sent
+        #: its first level with the counts (in memory only, the same on every rank: it guides
+        #: which run counts travel with the next one, never a result)
+        self._last_cut = None
         self.plot_path: str | None = None
         self._tables = None
 
@@ -519,14 +547,17 @@ class SparsityMonitor(Callback):
         """Set the ``lambda21`` that meets the target and re-apply the prox where it changes.
 
         Cost per rank, fused tables: O(tables x buckets) for the histograms, per table the run
-        counts of one bucket and a walk of one run for the exact value, and the prox on the rows whose stored norm lies
-        between the old and the new threshold (O(rows of the buckets walked + those rows x
-        dim)); collectives: the counts, 4 for the threshold (all tables together), plus, with
-        column-sharded tables, the index's rebuild decision and one norm all-reduce per such
-        table in the re-application. Plain tables: the shrink norms and the prox
-        re-application of every seen row (O(rows seen x dim)), 5 collectives for the
-        threshold. ``last_tuning`` records the figures (``threshold_collectives``,
-        ``rows_reapplied``, ``skipped``).
+        counts of one bucket and a walk of one run for the exact value, and the prox on the
+        rows whose stored norm lies between the old and the new threshold (O(rows of the
+        buckets walked + those rows x dim)); collectives: on several ranks the counts travel
+        with the threshold's first level in one all-reduce, then 2 more (a global target, or
+        per-table targets whose histograms are small) or 3 for the threshold, all tables
+        together (on one rank no collective); with column-sharded tables also the index's
+        rebuild decision and one norm all-reduce per such table in the re-application. Plain
+        tables: the counts, the shrink norms and the prox re-application of every seen row
+        (O(rows seen x dim)), 5 collectives for the threshold. ``last_tuning`` records the
+        figures (``threshold_collectives``: the search's own; ``collectives``: the tuning's,
+        the counts' included; ``rows_reapplied``, ``skipped``).
 
         Skipped in O(tables) when the search and the re-application would change nothing:
         with no collective at all while the target keeps every row (before the ramp) and
@@ -540,11 +571,37 @@ class SparsityMonitor(Callback):
         at every other tuning (the behaviour the paper-table figures were made with)."""
         tables = self._tables
         coll = Collectives(_allreduce)
-        skipped = {"threshold_collectives": 0, "skipped": 1, "rows_reapplied": 0}
+        skipped = {"threshold_collectives": 0, "collectives": 0, "skipped": 1,
+                   "rows_reapplied": 0}
         if self.target_bytes is None and self._keeps_all_at_floor(self.current_target(step)):
             self.last_tuning = skipped  # no collective at all
             return
-        counts = tables.counts()
+        fused = hasattr(tables, "histograms")  # the kernels' shrink-norm index
+        search = None
+        if fused and coll.world > 1 and self._likely_search(step):
+            # the threshold's first level travels with the counts (one collective less)
+            hists = tables.histograms()
+            groups = self._groups(sorted(hists))
+            local = first_level([sum((hists[n] for n in names), torch.zeros_like(hists[names[0]]))
+                                 for names in groups.values()]) if groups else None
+            guess = self._guess_buckets(step, groups, local, len(next(iter(hists.values()))))
+            extra = local
+            if guess:  # the run counts of the buckets the cut most likely falls in, too
+                runs = torch.stack([torch.cat([_group_runs(tables, names, b) for b in guess[i]])
+                                    for i, names in enumerate(groups.values())])
+                extra = torch.cat([local.reshape(-1), runs.reshape(-1).to(torch.float64)])
+            counts, reduced = tables.counts_with(extra)
+            first = None if local is None else reduced.reshape(-1)[:local.numel()].view(local.shape)
+            known = None
+            if guess:
+                got = reduced.reshape(-1)[local.numel():].view(len(groups), len(guess[0]), -1)
+                known = [{b: got[i, j] for j, b in enumerate(guess[i])} for i in range(len(groups))]
+            search = (hists, groups, first, known)
+            if first is not None:
+                self._last_cut = (list(groups), first, _group_seen(groups, counts))
+        else:
+            counts = tables.counts()
+        skipped["collectives"] = int(coll.world > 1)
         target = self.current_target(step, counts)
         skipped["rows_seen"] = sum(s for s, _ in counts.values())
         if self._keeps_everything(target, counts):
@@ -557,14 +614,14 @@ class SparsityMonitor(Callback):
         else:
             keeps = {None: round(target * sum(s for s, _ in counts.values()))}
         old = tables.lambda21()
-        fused = hasattr(tables, "histograms")  # the kernels' shrink-norm index
         # (plain tables search at every tuning, as the paper-table figures were made with)
         if fused and (_on_target(keeps, counts, self._searched_lambda21())
-                      or self._as_searched(keeps, counts)):
+                      or self._as_searched(keeps, counts) or self._within(keeps, counts)):
             self.last_tuning = skipped
             return
         if fused:
-            new, left = self._indexed_thresholds(tables, keeps, coll)
+            new, left = self._indexed_thresholds(tables, keeps, coll, search,
+                                                 tolerance=self.tolerance / 2)
             # the rows' zero / non-zero state was decided under the value now set (or the one
             # this monitor last set, if someone else changed it since): the span of all of them
             bounds = {}
@@ -585,6 +642,7 @@ class SparsityMonitor(Callback):
             tables.reapply()
             reapplied = sum(s for s, _ in counts.values())
             left = {}  # plain tables search at every tuning: nothing to compare with
+        self._searched_target = target
         self.lambda21 = {**self.lambda21, **new}  # what was set: the same on every rank
         # what this search left (the count above each new threshold): a later tuning that
         # finds the same skips
@@ -592,20 +650,84 @@ class SparsityMonitor(Callback):
                          "nonzero": [[n, z] for n, z in left.items()],
                          "lambda21": {n: float(v) for n, v in new.items()}}
         self.last_tuning = {"threshold_collectives": coll.count,
+                            "collectives": coll.count + int(coll.world > 1),
                             "rows_seen": sum(s for s, _ in counts.values()),
                             "rows_reapplied": reapplied}
 
+    def _within(self, keeps: dict, counts: dict[str, tuple[int, int]]) -> bool:
+        """The dead band: a search ran before (so ``lambda21`` is this monitor's) and the exact
+        non-zero rows are within ``tolerance x keep`` of the rows to keep, per targeted table
+        or in all -- for a memory budget only at or below them (the export must fit).
+        O(tables)."""
+        if not self.tolerance or self.searched is None:
+            return False
+        kept = _kept(keeps, counts)
+        low = self.target_bytes is not None
+        return all(abs(kept[n] - k) <= self.tolerance * k and not (low and kept[n] > k)
+                   for n, k in keeps.items())
+
+    def _likely_search(self, step: int) -> bool:
+        """Whether this tuning will most likely search -- the target moved since the last search
+        (on a ramp), or a budget's ramp is running -- so that the threshold's first level is
+        worth sending with the counts; a held target is mostly skipped, and then only the counts
+        travel. Decided from the schedule and the last search: the same on every rank.
+        O(tables)."""
+        if self.target_bytes is not None:
+            return bool(self.ramp_steps) and (
+                self.ramp_start < step <= self.ramp_start + self.ramp_steps)
+        return self.current_target(step) != self._searched_target
+
+    def _guess_buckets(self, step: int, groups: dict, local, buckets: int
+                       ) -> list[list[int]] | None:
+        """Per group, the buckets (the likeliest and its two neighbours) the cut will fall in:
+        where the rows to keep now, estimated from the last search's rows seen, cut that
+        search's all-reduced histograms -- on a ramp the cut moves little between tunings. From
+        what every rank holds alike, so the same on every rank; ``None`` without a last search
+        of the same groups, with a budget (its rows to keep need the counts), or when the first
+        level is not the whole histograms. O(groups x buckets)."""
+        last = self._last_cut
+        if (last is None or local is None or self.target_bytes is not None
+                or last[0] != list(groups) or tuple(last[1].shape) != tuple(local.shape)
+                or local.shape[1] != buckets):
+            return None
+        rate = self.current_target(step)
+        rates = [rate[n] if isinstance(rate, dict) else rate for n in groups]
+        keep = torch.tensor([round(r * s) for r, s in zip(rates, last[2])], dtype=torch.float64)
+        at, _ = _cross(last[1], torch.zeros(len(rates), dtype=torch.float64), keep)
+        if not all(0 < int(c) < buckets - 1 for c in at.tolist()):
+            return None
+        return [[int(c) - 1, int(c), int(c) + 1] for c in at.tolist()]
+
+    def _groups(self, names: list[str]) -> dict[str | None, list[str]]:
+        """The groups a search over tables ``names`` cuts, keyed as its ``keeps`` are: one per
+        targeted table (per-table targets, a memory budget), or ``None`` -> every table (a
+        global target). O(tables)."""
+        if self.target_bytes is not None:
+            return {n: [n] for n in names}
+        if isinstance(self.target, dict):
+            return {n: [n] for n in names if n in self.target}
+        return {None: list(names)} if names else {}
+
     @staticmethod
-    def _indexed_thresholds(tables, keeps: dict, coll: Collectives
-                            ) -> tuple[dict[str, float], dict]:
+    def _indexed_thresholds(tables, keeps: dict, coll: Collectives, search=None,
+                            tolerance: float = 0.0) -> tuple[dict[str, float], dict]:
         """``lambda21`` per table from the kernels' shrink-norm histograms (``keeps``: rows to
         keep per table, or ``{None: rows}`` over all tables with one common value), and the rows
         above each new value (keyed as ``keeps``): the bucket that holds the order statistic
         from the all-reduced histograms, then the exact value from that bucket's run counts and
-        one run's value counts (:func:`._quantile.histogram_thresholds`: 4 collectives).
-        O(tables x buckets) plus, per table, the run counts of one bucket (O(runs) for a crowded
-        bucket, a walk of at most ``SPLIT`` rows otherwise) and a walk of one run."""
-        hists = tables.histograms()
+        one run's value counts (:func:`._quantile.histogram_thresholds`: 3 or 4 collectives).
+        ``search``: ``(histograms, groups, first level all-reduced)`` read and reduced already
+        (with the counts, see :meth:`_tune`); ``tolerance``: that of
+        :func:`._quantile.histogram_thresholds`. O(tables x buckets) plus, per table, the run
+        counts of one bucket (O(runs) for a crowded bucket, a walk of at most ``SPLIT`` rows
+        otherwise) and a walk of one run."""
+        first = known = None
+        if search is not None:
+            hists, groups, first, known = search
+            if list(groups) != sorted(keeps, key=lambda n: (n is not None, n)):
+                first = known = None  # (not the groups the first level was made for)
+        else:
+            hists = tables.histograms()
         above: list[int] = []
         if None in keeps:
             names = sorted(hists)
@@ -620,14 +742,15 @@ class SparsityMonitor(Callback):
                 return sum(got[n] for n in names)
 
             (t,) = histogram_thresholds([merged], [keeps[None]], runs, values, coll,
-                                        tables.bucket_edge, above=above)
+                                        tables.bucket_edge, above=above, first=first,
+                                        tolerance=tolerance, known_runs=known)
             return dict.fromkeys(names, t), {None: above[0]}
         names = sorted(keeps)
         ts = histogram_thresholds(
             [hists[n] for n in names], [keeps[n] for n in names],
             lambda i, b: tables.run_counts({names[i]: b})[names[i]],
             lambda i, b, r: tables.value_counts({names[i]: (b, r)})[names[i]], coll,
-            tables.bucket_edge, above=above)
+            tables.bucket_edge, above=above, first=first, tolerance=tolerance, known_runs=known)
         return dict(zip(names, ts)), {n: above[i] for i, n in enumerate(names)}
 
     def _searched_lambda21(self) -> dict[str, float]:

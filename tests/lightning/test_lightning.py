@@ -278,6 +278,68 @@ def test_tuning_that_keeps_every_row_is_skipped():
     assert m._tables.norm_calls == 2
 
 
+def _bench_tuning():
+    import importlib
+    import sys
+    from pathlib import Path
+
+    path = str(Path(__file__).resolve().parents[2] / "benchmarks")
+    if path not in sys.path:
+        sys.path.insert(0, path)
+    return importlib.import_module("bench_tuning")
+
+
+@pytest.mark.parametrize("target", [0.2, {"t0": 0.3, "t2": 0.1}])
+def test_dead_band_skips_near_target_and_searches_within_it(target):
+    """On fused tables (a kernel through the benchmark's adapter: the monitor's own code), with
+    the default tolerance 0.005: a target moved by 0.1% (the exact counts within 0.5% of the new
+    rows to keep) is not searched again; one moved by 5% is, and every search keeps at most the
+    rows asked for -- at most 0.25% fewer where it stops at the runs. Negative control: with ``tolerance=0`` the 0.1%
+    move searches too, and no search stops at the runs."""
+    import torch
+
+    bt = _bench_tuning()
+
+    def scaled(f):
+        return {n: r * f for n, r in target.items()} if isinstance(target, dict) else target * f
+
+    def kept_and_keeps(m):
+        counts = m._tables.counts()
+        goal = m.target
+        if isinstance(goal, dict):
+            return ({n: counts[n][1] for n in goal},
+                    {n: round(r * counts[n][0] + 1e-9) for n, r in goal.items()})
+        return ({None: sum(z for _, z in counts.values())},
+                {None: round(goal * sum(s for s, _ in counts.values()))})
+
+    seen = {}
+    for tol in (0.005, 0.0):
+        gen = torch.Generator().manual_seed(0)
+        kernel = bt.make_kernel(20_000)
+        for _ in range(20):
+            ids, offsets = bt.zipf_batch(gen, 20_000)
+            kernel(ids, offsets).sum().backward()
+        m = bt.SparsityMonitor(target, schedule_share=0.0, tolerance=tol)
+        m._tables = bt.KernelTables(kernel)
+        m.lambda21 = m._tables.lambda21()
+        skipped = []
+        for step, factor in ((10, 1.0), (20, 1.001), (30, 1.05), (40, 1.0501)):
+            m.target = scaled(factor)
+            m._tune(step)
+            kept, keeps = kept_and_keeps(m)
+            if m.last_tuning.get("skipped"):
+                skipped.append(step)
+                assert all(abs(kept[n] - k) <= tol * k for n, k in keeps.items())
+            else:
+                assert all(kept[n] <= k for n, k in keeps.items()), step
+                exact = 3 if None in keeps else 4  # the search's collectives when it is exact
+                if m.last_tuning["threshold_collectives"] < exact:  # stopped at the runs
+                    assert tol > 0
+                    assert all(kept[n] >= k * (1 - tol / 2) for n, k in keeps.items()), step
+        seen[tol] = skipped
+    assert seen[0.005] == [20, 40] and seen[0.0] == []
+
+
 def test_scheduled_rate_is_the_cubic_ramp():
     from lightning_sgl.callbacks.sparsity_monitor import scheduled_rate
 

@@ -10,7 +10,13 @@ import torch.distributed as dist
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from lightning_sgl.callbacks._quantile import FLOOR, Collectives, histogram_thresholds, thresholds
+from lightning_sgl.callbacks._quantile import (
+    FLOOR,
+    Collectives,
+    first_level,
+    histogram_thresholds,
+    thresholds,
+)
 from lightning_sgl.callbacks.sparsity_monitor import global_threshold, table_thresholds
 
 from ..torchrec.dist_helpers import spawn
@@ -51,7 +57,8 @@ def value_sets(draw):
     return v.float().double(), keep
 
 
-def _by_histogram(groups: list[torch.Tensor], keeps: list[int], coll) -> list[float]:
+def _by_histogram(groups: list[torch.Tensor], keeps: list[int], coll, given_first=False
+                  ) -> list[float]:
     """``histogram_thresholds`` over the kernels' own bucketing (float32 values, as stored; the
     counts per run of a bucket and per value of a run from the bit patterns, as the index's
     native ops return them)."""
@@ -72,7 +79,8 @@ def _by_histogram(groups: list[torch.Tensor], keeps: list[int], coll) -> list[fl
         j = offsets(i, b)
         return torch.bincount(j[j // RUN == r] - r * RUN, minlength=RUN)
 
-    return histogram_thresholds(hists, keeps, runs, values, coll, edge)
+    first = first_level(hists) if given_first else None  # (one rank: the all-reduce is the identity)
+    return histogram_thresholds(hists, keeps, runs, values, coll, edge, first=first)
 
 
 @settings(max_examples=200, deadline=None)
@@ -86,6 +94,12 @@ def test_histogram_threshold_equals_sorting(case, other):
     coll = Collectives()
     t, t2 = _by_histogram([values.float(), values2.float()], [keep, keep2], coll)
     assert coll.count == 4
+    # one group: levels 1-2 in one all-reduce of the whole histogram; with the first level
+    # reduced by the caller (with its counts), 2 of its own; the same thresholds
+    for passed, want in ((False, 3), (True, 2)):
+        one = Collectives()
+        assert _by_histogram([values.float()], [keep], one, given_first=passed) == [t]
+        assert one.count == want
     for v, k, th in ((values, keep, t), (values2, keep2, t2)):
         v = v.float().double()
         pos = v[v > FLOOR]
@@ -98,6 +112,45 @@ def test_histogram_threshold_equals_sorting(case, other):
             assert not larger.numel() or th < float(larger.min())
         else:
             assert th == FLOOR
+
+
+@settings(max_examples=100, deadline=None)
+@given(value_sets(), st.sampled_from([1e-3, 0.01, 0.1, 0.5]))
+def test_histogram_threshold_with_a_tolerance_stops_at_the_runs(case, tol):
+    """With a tolerance the search stops at the run that holds the cut when that run holds at
+    most ``tol x keep`` values: never more than ``keep`` above ``t``, at most that many fewer,
+    ``above`` the exact count, one collective less; otherwise the exact answer."""
+    values, keep = case
+    exact = _by_histogram([values.float()], [keep], Collectives())
+    coll, above = Collectives(), []
+    from torchrec_ext.kernel.index import BUCKETS, RUN, RUNS, SHIFT, bucket_of, edge
+
+    v = values.float()
+    b = bucket_of(v)
+
+    def offsets(bk):
+        x = v[b == bk]
+        bits = torch.where(x > 0, x.view(torch.int32).long(), torch.zeros_like(x, dtype=torch.long))
+        return (bits - ((bk << SHIFT) + 1)).clamp(0, (1 << SHIFT) - 1)
+
+    (t,) = histogram_thresholds(
+        [torch.bincount(b, minlength=BUCKETS)], [keep],
+        lambda i, bk: torch.bincount(offsets(bk) // RUN, minlength=RUNS),
+        lambda i, bk, r: torch.bincount(offsets(bk)[offsets(bk) // RUN == r] - r * RUN,
+                                        minlength=RUN),
+        coll, edge, tolerance=tol, above=above)
+    pos = values.float().double()
+    pos = pos[pos > FLOOR]
+    n_above = int((pos > t).sum())
+    assert n_above <= keep
+    if pos.numel() <= keep:  # nothing to cut
+        assert t == FLOOR
+        return
+    assert n_above == above[0]
+    if coll.count == 2:  # stopped at the runs
+        assert keep - n_above <= tol * keep
+    else:
+        assert coll.count == 3 and [t] == exact
 
 
 def test_histogram_threshold_on_ties_and_adjacent_floats():
