@@ -137,7 +137,8 @@ def update_phase(kernel: GroupTBE, data, reps: int) -> tuple[float, float]:
                             lay.native_tables, kernel.weights, kernel.dual,
                             [getattr(kernel, n) for n in kernel.state_names], st["rowwise"],
                             kernel.seen, mat, kernel.feature_counts_state.counts,
-                            kernel.shrink_index.tensors(), rule=kernel.optimizer, rowwise=kernel.rowwise, exact=kernel.exact,
+                            kernel.shrink_index.tensors(), rule=kernel.optimizer,
+                            rowwise=kernel.rowwise, exact=kernel.exact,
                             mean=kernel.pooling == "mean", skip=False)
             t_op.append(time.perf_counter() - t0)
             kernel.step += 1

@@ -729,6 +729,34 @@ def test_shrink_index_blocks_split_and_merge_as_rows_move(compiled):
     _check_index(small)
 
 
+def test_index_without_lists_answers_as_the_lists_do(monkeypatch):
+    """The index without the native lists (CUDA, a torch-only install: vectorised scans of the
+    stored values) gives the same histograms, run and value counts and rows per value range as
+    a full scan, and the same zero set and counts after a tuning's re-application as a kernel
+    with lists (eager engine for both, the path such an install runs)."""
+    from torchrec_ext.kernel import index as index_mod
+
+    kernels = _trained_alike([dict(optimizer="adagrad", rowwise=True, compiled=False)] * 2, 0)
+    plain, listed = kernels
+    monkeypatch.setattr(index_mod.native, "available", lambda: False)
+    plain.shrink_index = index_mod.ShrinkIndex(plain)
+    monkeypatch.undo()
+    assert not plain.shrink_index.linked and listed.shrink_index.linked
+    for indices, offsets, w, target in _realistic_batches(4):
+        for k in kernels:
+            (k(indices, offsets, w) * target).sum().backward()
+    _check_index(plain, values=False)
+    u = listed.shrink[listed.seen.bool()]
+    new = float(u.quantile(0.5))
+    for k in kernels:
+        k.update_hyper_parameters({"lambda21": new})
+        n = k.reapply_prox_between({t.name: (1e-3, new) for t in REAL_TABLES})
+        assert n > 0
+    assert plain.feature_counts() == listed.feature_counts()
+    assert torch.equal(plain.weights, listed.weights)
+    _check_index(plain, values=False)
+
+
 @pytest.mark.parametrize("engine", ["native", "eager"])
 def test_index_stays_valid_through_writes_before_any_row_is_seen(engine):
     """Initialising the weights after construction (as every model does) leaves the empty
