@@ -447,6 +447,10 @@ CASES = [
                    refit_share=0.5)),
     Case("monitor-refit-relax", ValueError, r"Invalid refit_relax: 1.5 \(valid range: "
          r"0 <= relax <= 1\)", _callback("SparsityMonitor", 0.2, refit_relax=1.5)),
+    Case("monitor-tolerance", ValueError, r"Invalid tolerance: 1.0 \(valid range: "
+         r"0 <= tolerance < 1\)", _callback("SparsityMonitor", 0.2, tolerance=1.0)),
+    Case("monitor-tolerance-negative", ValueError, r"Invalid tolerance: -0.1 \(valid range",
+         _callback("SparsityMonitor", 0.2, tolerance=-0.1)),
     Case("monitor-schedule-start-one", ValueError, r"Invalid schedule_start: 1.0 \(valid range",
          _callback("SparsityMonitor", 0.2, schedule_start=1.0, schedule_share=0.1)),
     Case("monitor-schedule-start-no-ramp", ValueError, r"Invalid schedule_start: a start needs "
