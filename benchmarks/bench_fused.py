@@ -32,12 +32,15 @@ from torchrec_ext import GroupTBE, TableSpec
 from torchrec_ext.kernel import native
 
 
-def ctr_batches(n, tables, rows, batch, dim, mean_len=4.0, zipf=1.1, seed=0):
-    """Multi-hot bags with heavy-tailed ids (see the module docstring); TBE layout."""
+def ctr_stream(tables, rows, batch, dim, mean_len=4.0, zipf=1.1, seed=0):
+    """Endless multi-hot bags with heavy-tailed ids (see the module docstring), TBE layout:
+    ``(indices, offsets, target)`` per batch, the loss of a batch being ``(pooled * target).sum()``
+    (a fresh standard-normal ``target`` per batch, so rows get gradients of every direction and
+    size, as from a model's loss). Each table's Zipf ranks map to rows through one fixed random
+    permutation, so the same rows stay hot over the stream."""
     rng = np.random.default_rng(seed)
     perms = [rng.permutation(rows) for _ in range(tables)]
-    out = []
-    for _ in range(n):
+    while True:
         lengths = rng.poisson(mean_len, size=(tables, batch))
         idx = []
         for t in range(tables):
@@ -46,9 +49,14 @@ def ctr_batches(n, tables, rows, batch, dim, mean_len=4.0, zipf=1.1, seed=0):
         lengths = torch.from_numpy(lengths.reshape(-1))
         offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
         indices = torch.from_numpy(np.concatenate(idx)).long()
-        out.append((indices, offsets, torch.from_numpy(
-            rng.standard_normal((batch, tables * dim), dtype=np.float32))))
-    return out
+        yield indices, offsets, torch.from_numpy(
+            rng.standard_normal((batch, tables * dim), dtype=np.float32))
+
+
+def ctr_batches(n, tables, rows, batch, dim, mean_len=4.0, zipf=1.1, seed=0):
+    """The first ``n`` batches of :func:`ctr_stream`."""
+    stream = ctr_stream(tables, rows, batch, dim, mean_len, zipf, seed)
+    return [next(stream) for _ in range(n)]
 
 
 def uniform_batches(n, tables, rows, batch, dim, seed=0):

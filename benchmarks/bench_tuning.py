@@ -46,6 +46,9 @@ from lightning_sgl.callbacks.sparsity_monitor import DEFAULT_SCHEDULE  # noqa: E
 from torchrec_ext import GroupTBE, TableSpec  # noqa: E402
 from torchrec_ext.kernel.index import edge  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_fused import ctr_stream  # noqa: E402  (the workload of bench_fused.py)
+
 TABLES, DIM, BATCH = 4, 16, 512
 
 
@@ -115,15 +118,6 @@ class KernelTables:
         self.kernel.scale_dual(factor)
 
 
-def zipf_batch(gen, rows: int):
-    lengths = torch.poisson(torch.full((TABLES * BATCH,), 4.0), generator=gen).long()
-    n = int(lengths.sum())
-    u = torch.rand(n, generator=gen, dtype=torch.float64)
-    ids = ((rows + 1.0) ** (u ** 1.1) - 1.0).long().clamp(max=rows - 1)  # heavy head
-    ids = (ids * 2654435761) % rows
-    return ids, torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-
-
 def make_kernel(local_rows: int) -> GroupTBE:
     kernel = GroupTBE([TableSpec(f"t{i}", local_rows, DIM) for i in range(TABLES)],
                       list(range(TABLES)), optimizer="adagrad", rowwise=True,
@@ -133,17 +127,22 @@ def make_kernel(local_rows: int) -> GroupTBE:
     return kernel
 
 
-def see_every_row(kernel: GroupTBE, local_rows: int) -> None:
-    """One pass over all ids: bags of consecutive ids covering each table."""
-    per = TABLES * BATCH * 8
-    for start in range(0, local_rows, per // TABLES):
-        ids = torch.cat([torch.arange(start, min(start + per // TABLES, local_rows))
-                         for _ in range(TABLES)])
-        n = min(per // TABLES, local_rows - start)
-        lengths = torch.full((TABLES * BATCH,), 0, dtype=torch.long)
-        lengths[::BATCH] = n  # one bag per table holds the whole slice
-        offsets = torch.cat([torch.zeros(1, dtype=torch.long), lengths.cumsum(0)])
-        kernel(ids, offsets).sum().backward()
+def see_every_row(kernel: GroupTBE, local_rows: int, gen: torch.Generator) -> None:
+    """One pass over all ids, one row per bag (so every row gets its own standard-normal
+    gradient, as from a model's loss: no two rows alike)."""
+    per = 1 << 16  # bags per table and call
+    for start in range(0, local_rows, per):
+        n = min(per, local_rows - start)
+        ids = torch.arange(start, start + n).repeat(TABLES)
+        offsets = torch.arange(TABLES * n + 1)
+        (kernel(ids, offsets) * torch.randn(n, TABLES * DIM, generator=gen)).sum().backward()
+
+
+def train_steps(kernel: GroupTBE, batches) -> None:
+    """Training steps of ``bench_fused.py``: forward, ``(pooled * target).sum()``, backward (the
+    fused update)."""
+    for ids, offsets, target in batches:
+        (kernel(ids, offsets) * target).sum().backward()
 
 
 def monitor_on(kernel: GroupTBE, **kwargs) -> SparsityMonitor:
@@ -161,25 +160,26 @@ def timed(world: int, fn, *args) -> float:
     return time.perf_counter() - t0
 
 
-def held_target(world: int, local_rows: int, gen, tunings: int) -> dict:
+def held_target(world: int, local_rows: int, gen, seed: int, tunings: int) -> dict:
     """Measurement 1 (module docstring)."""
     kernel = make_kernel(local_rows)
-    see_every_row(kernel, local_rows)
-    batches = [zipf_batch(gen, local_rows) for _ in range(40)]
+    see_every_row(kernel, local_rows, gen)
+    stream = ctr_stream(TABLES, local_rows, BATCH, DIM, seed=seed)
     monitor = monitor_on(kernel, schedule_share=0.0)  # the target at once (ramp, refit: off)
     every = monitor.tune_every_n_steps
 
-    def train(steps):
-        for i in range(steps):
-            ids, offsets = batches[i % len(batches)]
-            kernel(ids, offsets).sum().backward()
+    def train(batches):
+        train_steps(kernel, batches)
 
-    train(every)
+    def fresh():  # the next steps' batches, made before the clock starts
+        return [next(stream) for _ in range(every)]
+
+    train(fresh())
     first = timed(world, monitor._tune, every)
     first_rows = monitor.last_tuning["rows_reapplied"]
     step_times, tune_times, reapplied, searched, coll = [], [], [], 0, 0
     for i in range(tunings):
-        step_times.append(timed(world, train, every))
+        step_times.append(timed(world, train, fresh()))
         tune_times.append(timed(world, monitor._tune, (i + 2) * every))
         last = monitor.last_tuning
         reapplied.append(last["rows_reapplied"])
@@ -194,7 +194,7 @@ def held_target(world: int, local_rows: int, gen, tunings: int) -> dict:
     monitor.tolerance = 0.0
     for i in range(tunings):
         monitor.target = 0.2 + (1e-4 if i % 2 == 0 else 0.0)
-        step_times.append(timed(world, train, every))
+        step_times.append(timed(world, train, fresh()))
         search_times.append(timed(world, monitor._tune, (tunings + i + 2) * every))
         assert not monitor.last_tuning.get("skipped")
         search_rows.append(monitor.last_tuning["rows_reapplied"])
@@ -207,12 +207,12 @@ def held_target(world: int, local_rows: int, gen, tunings: int) -> dict:
                 search_rows=statistics.mean(search_rows))
 
 
-def default_run(world: int, local_rows: int, gen, steps: int) -> dict:
+def default_run(world: int, local_rows: int, seed: int, steps: int) -> dict:
     """Measurement 2 (module docstring): the hook's own decisions on a default-settings run."""
     from types import SimpleNamespace
 
     kernel = make_kernel(local_rows)
-    batches = [zipf_batch(gen, local_rows) for _ in range(40)]
+    stream = ctr_stream(TABLES, local_rows, BATCH, DIM, seed=seed)
     monitor = monitor_on(kernel)  # DEFAULT_SCHEDULE: keep all, cubic ramp, refit
     monitor.log_every_n_steps = 10 * steps  # no logging (no LightningModule here)
     monitor.ramp_start = int(monitor.schedule_start * steps)
@@ -221,8 +221,7 @@ def default_run(world: int, local_rows: int, gen, steps: int) -> dict:
     train_s = tune_s = 0.0
     tunings = searches = 0
     for step in range(1, steps + 1):
-        ids, offsets = batches[step % len(batches)]
-        train_s += timed(1, lambda i, o: kernel(i, o).sum().backward(), ids, offsets)
+        train_s += timed(1, train_steps, kernel, [next(stream)])
         before = monitor.last_tuning
         trainer = SimpleNamespace(global_step=step, log_every_n_steps=10 * steps)
         tune_s += timed(world, monitor.on_train_batch_end, trainer, None, None, None, 0)
@@ -245,9 +244,9 @@ def run(rank: int, world: int, port: int, rows: int, out: dict | None, tunings: 
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
     gen = torch.Generator().manual_seed(rank)
-    got = held_target(world, rows // world, gen, tunings)
+    got = held_target(world, rows // world, gen, rank, tunings)
     if run_steps:
-        got.update(default_run(world, rows // world, gen, run_steps))
+        got.update(default_run(world, rows // world, 100 + rank, run_steps))
     if rank == 0 and out is not None:
         out.update(got)
     if world > 1:
