@@ -792,13 +792,19 @@ def test_index_stays_valid_through_writes_before_any_row_is_seen(engine):
     _check_index(k2, values=False)
 
 
+@pytest.mark.parametrize("chunk", [None, 7])
 @pytest.mark.parametrize("engine", ["native", "eager"])
-def test_scale_dual_scales_the_seen_rows_only(engine):
+def test_scale_dual_scales_the_seen_rows_only(engine, chunk, monkeypatch):
     """``scale_dual`` (the refit's give-back): every seen row's dual times the factor, an unseen
     row's dual (set by hand here) and every weight unchanged, the counts still valid, the index
-    then equal to a full scan of the new norms; a bad factor changes nothing."""
+    then equal to a full scan of the new norms; a bad factor changes nothing. ``chunk``: rows
+    per chunk of its pass, 7 so that chunks end inside every table."""
     if engine == "native" and not native.available():
         pytest.skip("native kernel not built")
+    if chunk is not None:
+        import torchrec_ext.kernel.tbe as tbe
+
+        monkeypatch.setattr(tbe, "SCALE_CHUNK", chunk)
     (k,) = _trained_alike([dict(optimizer="adagrad", rowwise=True,
                                 compiled=engine == "native")], steps=4)
     seen = [k.row_seen_view(i).bool() for i in range(len(k.tables))]
