@@ -3,15 +3,17 @@
     python benchmarks/bench_tuning.py [--sizes 100000 1000000 4000000] [--ranks 1 2]
                                       [--tunings 10] [--run-steps 5000]
 
-The workload of ``bench_fused.py`` (4 tables x dim 16, batch 512, Poisson(4) Zipf(1.1) ids per
-bag, row-wise GroupAdagrad, one thread per rank); on 2 ranks the tables are row-wise split (each
+The workload of ``bench_fused.py`` (its ``ctr_stream``: 4 tables x dim 16, batch 512, Poisson(4)
+Zipf(1.1) ids per bag, a fresh batch per step with a standard-normal target; row-wise
+GroupAdagrad, one thread per rank); on 2 ranks the tables are row-wise split (each
 rank holds half of every table's rows and trains on its own batches) and the collectives go over
 gloo. The monitor's own code runs on the kernels through an adapter with the same face as its
 TorchRec adapter. Two measurements per size:
 
-1. **Held target** (the figure per tuning): every row is seen first (a pass over all ids, so
-   the index holds every row), then ``SparsityMonitor(0.2, schedule_share=0)``, the default
-   ``tune_every_n_steps=10``. The first tuning moves lambda21 from its initial value to the
+1. **Held target** (the figure per tuning): every row is seen first (a pass over all ids, one
+   bag per row with its own random gradient, so the index holds every row), then
+   ``SparsityMonitor(0.2, schedule_share=0)``, the default ``tune_every_n_steps=10``. The first
+   tuning moves lambda21 from its initial value to the
    target (it re-applies the prox to the ~80% of the rows that become zero: the bulk that a
    schedule spreads over its ramp) and is reported apart; then ``--tunings`` rounds of 10
    training steps + one tuning: the mean and the largest tuning, how many searched (the others
@@ -47,7 +49,7 @@ from torchrec_ext import GroupTBE, TableSpec  # noqa: E402
 from torchrec_ext.kernel.index import edge  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fused import ctr_stream  # noqa: E402  (the workload of bench_fused.py)
+from bench_fused import ctr_batches, ctr_stream  # noqa: E402,F401  (the workload of bench_fused.py)
 
 TABLES, DIM, BATCH = 4, 16, 512
 
