@@ -49,7 +49,7 @@ from torchrec_ext import GroupTBE, TableSpec  # noqa: E402
 from torchrec_ext.kernel.index import edge  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_fused import ctr_batches, ctr_stream  # noqa: E402,F401  (the workload of bench_fused.py)
+from bench_fused import ctr_stream  # noqa: E402  (the workload of bench_fused.py)
 
 TABLES, DIM, BATCH = 4, 16, 512
 

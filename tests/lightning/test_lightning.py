@@ -3,6 +3,7 @@ is its own process group, launched like a user's script), and unit tests of the 
 
 from __future__ import annotations
 
+import itertools
 import json
 import math
 import os
@@ -314,7 +315,8 @@ def test_dead_band_skips_near_target_and_searches_within_it(target):
     seen = {}
     for tol in (0.005, 0.0):
         kernel = bt.make_kernel(20_000)
-        bt.train_steps(kernel, bt.ctr_batches(20, bt.TABLES, 20_000, bt.BATCH, bt.DIM, seed=0))
+        bt.train_steps(kernel, itertools.islice(bt.ctr_stream(bt.TABLES, 20_000, bt.BATCH, bt.DIM,
+                                                             seed=0), 20))
         m = bt.SparsityMonitor(target, schedule_share=0.0, tolerance=tol)
         m._tables = bt.KernelTables(kernel)
         m.lambda21 = m._tables.lambda21()
