@@ -729,6 +729,63 @@ def test_shrink_index_blocks_split_and_merge_as_rows_move(compiled):
     _check_index(small)
 
 
+@pytest.mark.parametrize("optimizer", ["adagrad", "sgd"])
+@pytest.mark.parametrize("split", [None, 4])
+def test_native_reapply_between_equals_the_walk_then_sorted_reprox(optimizer, split, monkeypatch):
+    """The native re-application through the index (the walk handing each row to the update's
+    row loop, unsorted: ``rows.reapply_prox_between_native``) gives bit for bit what the general
+    path gives (the index's sorted rows of the same ranges, then ``reapply_prox``): weights,
+    duals, moments, stored shrink values, counts, and an index equal to a full scan -- over
+    raised, lowered and raised-again lambda21 with training in between, with and without
+    blocks (``split=4``: crowded buckets walk by runs). Negative control: the fused path did
+    run, and the rows it reports are the general path's."""
+    from torchrec_ext.kernel import rows as rows_mod
+    from torchrec_ext.kernel.index import ShrinkIndex
+
+    if not native.available():
+        pytest.skip("native kernel not built")
+    rowwise = optimizer == "adagrad"
+    fused, general = _trained_alike([dict(optimizer=optimizer, rowwise=rowwise)] * 2, 0)
+    for k in (fused, general):
+        if split is not None:
+            k.shrink_index = ShrinkIndex(k, split=split, merge=2)
+        for indices, offsets, w, target in _realistic_batches(4):
+            (k(indices, offsets, w) * target).sum().backward()
+    real = rows_mod.reapply_prox_between_native
+    calls = []
+
+    def general_only(kernel, ranges, bounds):
+        if kernel is general:
+            return None
+        calls.append(kernel)
+        return real(kernel, ranges, bounds)
+
+    monkeypatch.setattr(rows_mod, "reapply_prox_between_native", general_only)
+    batches = _realistic_batches(6)
+    old = 1e-3
+    for n, q in enumerate((0.6, 0.3, 0.7)):
+        u = fused.shrink[fused.seen.bool()]
+        new = float(u.quantile(q))
+        counts = []
+        for k in (fused, general):
+            k.update_hyper_parameters({"lambda21": new})
+            counts.append(k.reapply_prox_between({t.name: (old, new) for t in REAL_TABLES}))
+        assert counts[0] == counts[1] > 0, (n, counts)
+        old = new
+        for a, b in ((fused.weights, general.weights), (fused.dual, general.dual),
+                     (fused.shrink, general.shrink)) + tuple(
+                (getattr(fused, s), getattr(general, s)) for s in fused.state_names):
+            assert torch.equal(a, b), n
+        assert fused.feature_counts() == general.feature_counts()
+        _check_index(fused, values=optimizer == "adagrad")
+        indices, offsets, w, target = batches[n]
+        for k in (fused, general):
+            (k(indices, offsets, w) * target).sum().backward()
+    assert len(calls) == 3
+    if split is not None:
+        assert int((fused.shrink_index.block >= 0).sum()) > 0  # walked by runs
+
+
 def test_index_without_lists_answers_as_the_lists_do(monkeypatch):
     """The index without the native lists (CUDA, a torch-only install: vectorised scans of the
     stored values) gives the same histograms, run and value counts and rows per value range as

@@ -62,7 +62,7 @@ enum Col : int64_t {
   NCOL
 };
 
-constexpr int kPrefetch = 16;  // rows ahead whose lines are prefetched
+constexpr int kPrefetch = 8;  // rows ahead whose lines are prefetched
 constexpr int kMaxStatic = 128;
 
 // always_inline: GCC's pure-const analysis takes a function whose only effect is a prefetch for
@@ -389,6 +389,10 @@ struct Work {
     prefetch_row(W + e, bytes);
     prefetch_row(Du + e, bytes);
     __builtin_prefetch(seen + urow[u], 0, 3);
+    if (ix.u) {  // the relink reads the row's value and fine id
+      __builtin_prefetch(ix.u + urow[u], 1, 3);
+      __builtin_prefetch(ix.bkt + urow[u], 1, 3);
+    }
     for (int k = 0; k < n_states; ++k) {
       if (srw[k])
         __builtin_prefetch(S[k] + urow[u], 0, 3);
@@ -915,10 +919,39 @@ void shrink_index_relink(const at::Tensor& rows, const at::Tensor& tables,
   for (int64_t i = 0; i < n; ++i) ix.relink(r[i], t[i], v[i]);
 }
 
+// f(r) for every row linked into buckets [lo, hi] of table t whose value u lies in (a, z]. A
+// bucket with runs walks only its runs that meet (a, z]: O(rows of the runs and of the buckets
+// without runs walked + buckets + kFine per bucket with runs). f must not relink.
+template <typename F>
+void walk_between(const Index& ix, int64_t t, int64_t lo, int64_t hi, double a, double z, F&& f) {
+  const auto take = [&](int32_t r) {
+    const double v = ix.u[r];
+    if (v > a && v <= z) f(r);
+  };
+  for (int64_t b = std::max<int64_t>(lo, 0); b <= std::min<int64_t>(hi, kBuckets - 1); ++b) {
+    if (ix.hist[t * kBuckets + b] == 0) continue;
+    if (ix.block(t, b) < 0) {
+      ix.walk(t, b, take);
+      continue;
+    }
+    for (int64_t j = 0; j < kFine; ++j) {
+      // run j holds the float32 values of bit patterns first..first + 2^kFineShift - 1
+      const uint32_t first = (static_cast<uint32_t>(b) << kShift) + 1u +
+                             (static_cast<uint32_t>(j) << kFineShift);
+      const uint32_t last = first + (1u << kFineShift) - 1u;
+      float lo_v, hi_v;
+      std::memcpy(&lo_v, &first, 4);
+      std::memcpy(&hi_v, &last, 4);
+      const bool zeros = b == 0 && j == 0;  // also holds u <= 0
+      if (!zeros && (static_cast<double>(hi_v) <= a || static_cast<double>(lo_v) > z)) continue;
+      ix.walk_run(t, b, j, take);
+    }
+  }
+}
+
 // The rows linked into buckets [lo, hi] of table t whose value u lies in (a, b], for every row
-// (t, lo, hi) of `ranges` ([K, 3] int64) and (a, b) of `bounds` ([K, 2] float64), concatenated.
-// A bucket with runs walks only its runs that meet (a, b]: O(rows of the runs and of the
-// buckets without runs walked + buckets + kFine per bucket with runs).
+// (t, lo, hi) of `ranges` ([K, 3] int64) and (a, b) of `bounds` ([K, 2] float64), concatenated
+// (walk_between).
 at::Tensor shrink_index_rows(const at::Tensor& ranges, const at::Tensor& bounds,
                              at::TensorList index) {
   const Index ix = make_index(index);
@@ -928,37 +961,93 @@ at::Tensor shrink_index_rows(const at::Tensor& ranges, const at::Tensor& bounds,
   const int64_t* q = ranges.data_ptr<int64_t>();
   const double* lim = bounds.data_ptr<double>();
   std::vector<int64_t> out;
-  for (int64_t k = 0; k < K; ++k) {
-    const int64_t t = q[3 * k];
-    const double a = lim[2 * k], z = lim[2 * k + 1];
-    const auto take = [&](int32_t r) {
-      const double v = ix.u[r];
-      if (v > a && v <= z) out.push_back(r);
-    };
-    for (int64_t b = std::max<int64_t>(q[3 * k + 1], 0);
-         b <= std::min<int64_t>(q[3 * k + 2], kBuckets - 1); ++b) {
-      if (ix.hist[t * kBuckets + b] == 0) continue;
-      if (ix.block(t, b) < 0) {
-        ix.walk(t, b, take);
-        continue;
-      }
-      for (int64_t j = 0; j < kFine; ++j) {
-        // run j holds the float32 values of bit patterns first..first + 2^kFineShift - 1
-        const uint32_t first = (static_cast<uint32_t>(b) << kShift) + 1u +
-                               (static_cast<uint32_t>(j) << kFineShift);
-        const uint32_t last = first + (1u << kFineShift) - 1u;
-        float lo_v, hi_v;
-        std::memcpy(&lo_v, &first, 4);
-        std::memcpy(&hi_v, &last, 4);
-        const bool zeros = b == 0 && j == 0;  // also holds u <= 0
-        if (!zeros && (static_cast<double>(hi_v) <= a || static_cast<double>(lo_v) > z)) continue;
-        ix.walk_run(t, b, j, take);
-      }
-    }
-  }
+  for (int64_t k = 0; k < K; ++k)
+    walk_between(ix, q[3 * k], q[3 * k + 1], q[3 * k + 2], lim[2 * k], lim[2 * k + 1],
+                 [&](int32_t r) { out.push_back(r); });
   at::Tensor res = at::empty({static_cast<int64_t>(out.size())}, at::kLong);
   std::copy(out.begin(), out.end(), res.data_ptr<int64_t>());
   return res;
+}
+
+// The prox re-applied (a zero-gradient update, SGD and Adagrad: as reprox_impl) to the seen
+// rows linked into buckets [lo, hi] of table t whose stored u lies in (a, b], for every
+// (t, lo, hi) of `ranges` ([K, 3] int64) and (a, b) of `bounds` ([K, 2] float64): the rows are
+// collected by the walk (walk_between) and updated in the walk's order, grouped by table -- no
+// sort (each row's step reads and writes only that row, its table's counts and the index, so
+// the order changes only the index's inner layout -- the order of its lists, which crowded
+// buckets hold a block -- never a value, a count or the rows of a bucket or run; a linked row
+// is always seen: the index links only seen rows, and rebuilds after any outside write).
+// Returns int64 [2]:
+// rows re-applied, rows refused (a non-finite result: the row keeps its values). O(rows of the
+// runs walked + rows re-applied x D).
+template <typename T>
+at::Tensor reprox_between_impl(const at::Tensor& ranges, const at::Tensor& bounds,
+                               const at::Tensor& w_off, const at::Tensor& row_off,
+                               const at::Tensor& dims, at::Tensor weights, at::Tensor dual,
+                               at::TensorList states, at::Tensor seen, const at::Tensor& hp,
+                               at::Tensor counts, at::TensorList index, int64_t rule,
+                               bool rowwise, bool exact) {
+  TORCH_CHECK(rule == SGD || rule == ADAGRAD,
+              "reprox: a zero-gradient step is the prox alone only for SGD and Adagrad");
+  const Index ix = make_index(index);
+  TORCH_CHECK(ix.u != nullptr, "an index is needed");
+  const int64_t K = ranges.size(0);
+  TORCH_CHECK(bounds.numel() == 2 * K, "bounds: [K, 2]");
+  const int64_t* q = ranges.data_ptr<int64_t>();
+  const double* lim = bounds.data_ptr<double>();
+  const int64_t n_tables = dims.numel();
+  const int64_t* t_dims = dims.data_ptr<int64_t>();
+  int64_t max_d = 1;
+  for (int64_t t = 0; t < n_tables; ++t) max_d = std::max(max_d, t_dims[t]);
+  thread_local Scratch<T> scratch_tls;
+  Scratch<T>& S = scratch_tls;
+  std::vector<int64_t>& urow = S.src;
+  std::vector<int64_t>& utab = S.run;
+  urow.clear();
+  utab.clear();
+  for (int64_t k = 0; k < K; ++k) {
+    const int64_t t = q[3 * k];
+    TORCH_CHECK(t >= 0 && t < n_tables, "reprox_between: table out of range");
+    walk_between(ix, t, q[3 * k + 1], q[3 * k + 2], lim[2 * k], lim[2 * k + 1],
+                 [&](int32_t r) {
+                   urow.push_back(r);
+                   utab.push_back(t);
+                 });
+  }
+  const int64_t U = static_cast<int64_t>(urow.size());
+  at::Tensor out = at::zeros({2}, at::kLong);
+  int64_t* o = out.data_ptr<int64_t>();
+  o[0] = U;
+  if (U == 0) return out;
+  S.gpos.assign(static_cast<size_t>(U), 0);  // every row reads the same zero gradient
+  S.bad.assign(static_cast<size_t>(U), 0);
+  if (S.gsum.size() < static_cast<size_t>(max_d)) S.gsum.resize(static_cast<size_t>(max_d));
+  std::fill(S.gsum.begin(), S.gsum.begin() + max_d, T(0));
+  int64_t st[4] = {0, 0, -1, 0};
+  update_unique<T>(urow.data(), utab.data(), S.gpos.data(), S.gsum.data(), S.bad.data(), U,
+                   w_off.data_ptr<int64_t>(), row_off.data_ptr<int64_t>(), t_dims, max_d,
+                   weights, dual, states, seen, hp, counts, index, rule, rowwise, exact, S, st);
+  o[1] = st[1];
+  return out;
+}
+
+at::Tensor group_tbe_reprox_between(const at::Tensor& ranges, const at::Tensor& bounds,
+                                    const at::Tensor& w_off, const at::Tensor& row_off,
+                                    const at::Tensor& dims, at::Tensor weights, at::Tensor dual,
+                                    at::TensorList states, at::Tensor seen, const at::Tensor& hp,
+                                    at::Tensor counts, at::TensorList index, int64_t rule,
+                                    bool rowwise, bool exact) {
+  TORCH_CHECK(weights.is_contiguous() && dual.is_contiguous(), "contiguous tensors expected");
+  TORCH_CHECK(hp.scalar_type() == at::kDouble && hp.size(1) == NCOL, "hp must be double [T, ",
+              static_cast<int64_t>(NCOL), "]");
+  TORCH_CHECK(ranges.scalar_type() == at::kLong && bounds.scalar_type() == at::kDouble,
+              "ranges int64, bounds float64");
+  if (weights.scalar_type() == at::kFloat)
+    return reprox_between_impl<float>(ranges, bounds, w_off, row_off, dims, weights, dual, states,
+                                      seen, hp, counts, index, rule, rowwise, exact);
+  TORCH_CHECK(weights.scalar_type() == at::kDouble, "float32 or float64 tables expected");
+  return reprox_between_impl<double>(ranges, bounds, w_off, row_off, dims, weights, dual, states,
+                                     seen, hp, counts, index, rule, rowwise, exact);
 }
 
 // The rows of bucket b of table t per run: int64 [kFine], out[j] counting the rows whose u has a
@@ -1032,6 +1121,11 @@ TORCH_LIBRARY(lightning_sgl, m) {
       "group_tbe_reprox(Tensor rows, Tensor w_off, Tensor row_off, Tensor dims, Tensor rows_per_table, "
       "Tensor(a!) weights, Tensor(b!) dual, Tensor(c!)[] states, Tensor(d!) seen, Tensor hp, "
       "Tensor(e!) counts, Tensor(f!)[] index, int rule, bool rowwise, bool exact) -> Tensor");
+  m.def(
+      "group_tbe_reprox_between(Tensor ranges, Tensor bounds, Tensor w_off, Tensor row_off, "
+      "Tensor dims, Tensor(a!) weights, Tensor(b!) dual, "
+      "Tensor(c!)[] states, Tensor(d!) seen, Tensor hp, Tensor(e!) counts, Tensor(f!)[] index, "
+      "int rule, bool rowwise, bool exact) -> Tensor");
   m.def("shrink_index_relink(Tensor rows, Tensor tables, Tensor values, Tensor(a!)[] index) -> ()");
   m.def("shrink_index_rows(Tensor ranges, Tensor bounds, Tensor[] index) -> Tensor");
   m.def("shrink_index_runs(int table, int bucket, Tensor[] index) -> Tensor");
@@ -1041,6 +1135,7 @@ TORCH_LIBRARY(lightning_sgl, m) {
 TORCH_LIBRARY_IMPL(lightning_sgl, CPU, m) {
   m.impl("group_tbe_backward", &group_tbe_backward);
   m.impl("group_tbe_reprox", &group_tbe_reprox);
+  m.impl("group_tbe_reprox_between", &group_tbe_reprox_between);
   m.impl("shrink_index_relink", &shrink_index_relink);
   m.impl("shrink_index_rows", &shrink_index_rows);
   m.impl("shrink_index_runs", &shrink_index_runs);

@@ -20,7 +20,7 @@ import torch
 from lightning_sgl.optim.functional import get_rule, step_scalars
 
 __all__ = ["available", "warn_missing", "RULE_IDS", "HP_COLUMNS", "HpMatrix", "hp_matrix",
-           "backward", "table_buffer"]
+           "backward", "table_buffer", "reprox", "reprox_between"]
 
 #: moment rules the native update implements (ids of ``enum Rule`` in group_tbe.cpp)
 RULE_IDS = {"sgd": 0, "momentum": 1, "adagrad": 2, "adam": 3, "amsgrad": 4}
@@ -147,3 +147,17 @@ def reprox(rows, tables, weights, dual, states, seen, hp, counts, index, *, rule
     return torch.ops.lightning_sgl.group_tbe_reprox(
         rows, w_off, row_off, dims, n_rows, weights, dual, list(states), seen, hp, counts,
         list(index), RULE_IDS[rule], rowwise, exact)
+
+
+def reprox_between(ranges, bounds, tables, weights, dual, states, seen, hp, counts, index, *,
+                   rule: str, rowwise: bool, exact: bool) -> tuple[int, int]:
+    """:func:`reprox` on the seen rows that the shrink-norm index holds in buckets ``[lo, hi]`` of
+    local table ``t`` with a stored value in ``(a, b]``, for every ``(t, lo, hi)`` of ``ranges``
+    ([K, 3] int64) and ``(a, b)`` of ``bounds`` ([K, 2] float64): one native pass, the rows
+    updated as the walk finds them (no gather to Python, no sort). Returns ``(rows re-applied,
+    rows refused)``. O(rows walked + rows re-applied x dim)."""
+    w_off, row_off, dims, _ = tables
+    out = torch.ops.lightning_sgl.group_tbe_reprox_between(
+        ranges, bounds, w_off, row_off, dims, weights, dual, list(states), seen, hp, counts,
+        list(index), RULE_IDS[rule], rowwise, exact)
+    return int(out[0]), int(out[1])

@@ -310,6 +310,34 @@ def _native_reprox(kernel, selected: Tensor | None, step: float, hp: dict) -> No
         exact=kernel.exact)
 
 
+def reapply_prox_between_native(kernel, ranges: list[tuple[int, int, int]],
+                                bounds: list[tuple[float, float]]) -> int | None:
+    """:func:`reapply_prox` on the seen rows of local table ``t`` whose stored shrink (the
+    index's ``u``) lies in ``(a, b]``, for every ``(t, lo, hi)`` of ``ranges`` (``[lo, hi]``:
+    the buckets that hold ``(a, b]``) and ``(a, b)`` of ``bounds`` -- natively in one pass: the
+    index walk hands each row straight to the update's row loop (no list of rows back to
+    Python, no sort). The same rows, and for each the same step, as ``reapply_prox(kernel,
+    rows_in(ranges, bounds))``. Returns the rows re-applied, or ``None`` where this path does
+    not apply (not the native engine, a rule outside ``native.REPROX_RULES``, no native index):
+    the caller then takes that general path. O(rows of the runs walked + rows re-applied x d),
+    no collective (the native engine has no column shards)."""
+    index = kernel.shrink_index
+    if not (kernel.engine() == "native" and kernel.optimizer in native.REPROX_RULES
+            and index.linked):
+        return None
+    if not ranges:
+        return 0
+    step = max(float(kernel.step.item()), 1.0)
+    done, _ = native.reprox_between(  # a refused row keeps its values, as in reapply_prox
+        torch.tensor(ranges, dtype=torch.int64).view(-1, 3),
+        torch.tensor(bounds, dtype=torch.float64).view(-1, 2), kernel.layout.native_tables,
+        kernel.weights, kernel.dual, [getattr(kernel, n) for n in kernel.state_names],
+        kernel.seen, kernel.native_hp(kernel.current_hyperparameters()).at(step),
+        kernel.feature_counts_state.counts, index.tensors(), rule=kernel.optimizer,
+        rowwise=kernel.rowwise, exact=kernel.exact)
+    return done
+
+
 def _seen_norms(kernel):
     """Per segment: ``(segment, seen rows, their tables, their shrink norms [S, 1])``."""
     step = max(float(kernel.step.item()), 1.0)

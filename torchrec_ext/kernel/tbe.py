@@ -499,7 +499,8 @@ class GroupTBE(nn.Module):
         magnitude at its next update). Returns the number of rows re-applied.
 
         Cost: O(rows of the buckets spanned + rows re-applied x dim) with the native index (no
-        pass over the other rows); collective for column-sharded tables (every shard stores
+        pass over the other rows; on the native engine the walk feeds the update's row loop
+        directly, :func:`.rows.reapply_prox_between_native`); collective for column-sharded tables (every shard stores
         the same ``u``, so it finds the same rows), and then called on every shard even when
         no row changes."""
         self.shrink_index.ensure()
@@ -513,7 +514,11 @@ class GroupTBE(nn.Module):
             a, b = a * (1.0 - REAPPLY_MARGIN), b * (1.0 + REAPPLY_MARGIN)
             lo, hi = (int(v) for v in bucket_of(torch.tensor([a, b])))
             parts.append(((i, lo, hi), (a, b)))
-        selected = self.shrink_index.rows_in([r for r, _ in parts], [v for _, v in parts])
+        ranges, values = [r for r, _ in parts], [v for _, v in parts]
+        done = rows.reapply_prox_between_native(self, ranges, values)
+        if done is not None:
+            return done
+        selected = self.shrink_index.rows_in(ranges, values)
         if selected.numel() or any(t.column_sharded for t in self.tables):
             rows.reapply_prox(self, selected)
         return int(selected.numel())
