@@ -977,9 +977,8 @@ at::Tensor shrink_index_rows(const at::Tensor& ranges, const at::Tensor& bounds,
 // the order changes only the index's inner layout -- the order of its lists, which crowded
 // buckets hold a block -- never a value, a count or the rows of a bucket or run; a linked row
 // is always seen: the index links only seen rows, and rebuilds after any outside write).
-// Returns int64 [2]:
-// rows re-applied, rows refused (a non-finite result: the row keeps its values). O(rows of the
-// runs walked + rows re-applied x D).
+// Returns int64 [2]: rows re-applied, rows refused (a non-finite result: the row keeps its
+// values). O(rows of the runs walked + rows re-applied x D).
 template <typename T>
 at::Tensor reprox_between_impl(const at::Tensor& ranges, const at::Tensor& bounds,
                                const at::Tensor& w_off, const at::Tensor& row_off,

@@ -302,12 +302,19 @@ def _native_reprox(kernel, selected: Tensor | None, step: float, hp: dict) -> No
         rows = rows[kernel.seen.index_select(0, rows).bool()]
     if not rows.numel():
         return
-    native.reprox(  # a row whose result would not be finite keeps its values, as in the eager path
-        rows.contiguous(), kernel.layout.native_tables, kernel.weights, kernel.dual,
-        [getattr(kernel, n) for n in kernel.state_names], kernel.seen,
-        kernel.native_hp(hp).at(step), kernel.feature_counts_state.counts,
-        kernel.shrink_index.tensors(), rule=kernel.optimizer, rowwise=kernel.rowwise,
-        exact=kernel.exact)
+    args, kwargs = _native_buffers(kernel, step, hp)
+    # a row whose result would not be finite keeps its values, as in the eager path
+    native.reprox(rows.contiguous(), *args, **kwargs)
+
+
+def _native_buffers(kernel, step: float, hp: dict) -> tuple[tuple, dict]:
+    """What the native re-applications take after their rows: the tables, the buffers, the
+    hyperparameter matrix at ``step``, the counts and the index; the rule's flags."""
+    return ((kernel.layout.native_tables, kernel.weights, kernel.dual,
+             [getattr(kernel, n) for n in kernel.state_names], kernel.seen,
+             kernel.native_hp(hp).at(step), kernel.feature_counts_state.counts,
+             kernel.shrink_index.tensors()),
+            dict(rule=kernel.optimizer, rowwise=kernel.rowwise, exact=kernel.exact))
 
 
 def reapply_prox_between_native(kernel, ranges: list[tuple[int, int, int]],
@@ -327,14 +334,11 @@ def reapply_prox_between_native(kernel, ranges: list[tuple[int, int, int]],
         return None
     if not ranges:
         return 0
-    step = max(float(kernel.step.item()), 1.0)
+    args, kwargs = _native_buffers(kernel, max(float(kernel.step.item()), 1.0),
+                                   kernel.current_hyperparameters())
     done, _ = native.reprox_between(  # a refused row keeps its values, as in reapply_prox
         torch.tensor(ranges, dtype=torch.int64).view(-1, 3),
-        torch.tensor(bounds, dtype=torch.float64).view(-1, 2), kernel.layout.native_tables,
-        kernel.weights, kernel.dual, [getattr(kernel, n) for n in kernel.state_names],
-        kernel.seen, kernel.native_hp(kernel.current_hyperparameters()).at(step),
-        kernel.feature_counts_state.counts, index.tensors(), rule=kernel.optimizer,
-        rowwise=kernel.rowwise, exact=kernel.exact)
+        torch.tensor(bounds, dtype=torch.float64).view(-1, 2), *args, **kwargs)
     return done
 
 

@@ -500,9 +500,9 @@ class GroupTBE(nn.Module):
 
         Cost: O(rows of the buckets spanned + rows re-applied x dim) with the native index (no
         pass over the other rows; on the native engine the walk feeds the update's row loop
-        directly, :func:`.rows.reapply_prox_between_native`); collective for column-sharded tables (every shard stores
-        the same ``u``, so it finds the same rows), and then called on every shard even when
-        no row changes."""
+        directly, :func:`.rows.reapply_prox_between_native`); collective for column-sharded
+        tables (every shard stores the same ``u``, so it finds the same rows), and then called
+        on every shard even when no row changes."""
         self.shrink_index.ensure()
         parts = []
         for i, t in enumerate(self.tables):
