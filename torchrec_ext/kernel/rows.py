@@ -254,7 +254,7 @@ def reapply_prox(kernel, selected: Tensor | None = None) -> None:
     tables (``selected`` must then be the same rows on every shard)."""
     step = max(float(kernel.step.item()), 1.0)
     hp = kernel.current_hyperparameters()
-    if kernel.engine() == "native" and kernel.optimizer in native.REPROX_RULES:
+    if _native_reprox_applies(kernel):
         _native_reprox(kernel, selected, step, hp)
         return
     fixed_tables = kernel.fixed_table_mask()
@@ -307,6 +307,12 @@ def _native_reprox(kernel, selected: Tensor | None, step: float, hp: dict) -> No
     native.reprox(rows.contiguous(), *args, **kwargs)
 
 
+def _native_reprox_applies(kernel) -> bool:
+    """Whether the prox is re-applied natively: the native engine and a rule whose
+    zero-gradient step is the prox alone (``native.REPROX_RULES``)."""
+    return kernel.engine() == "native" and kernel.optimizer in native.REPROX_RULES
+
+
 def _native_buffers(kernel, step: float, hp: dict) -> tuple[tuple, dict]:
     """What the native re-applications take after their rows: the tables, the buffers, the
     hyperparameter matrix at ``step``, the counts and the index; the rule's flags."""
@@ -329,8 +335,7 @@ def reapply_prox_between_native(kernel, ranges: list[tuple[int, int, int]],
     the caller then takes that general path. O(rows of the runs walked + rows re-applied x d),
     no collective (the native engine has no column shards)."""
     index = kernel.shrink_index
-    if not (kernel.engine() == "native" and kernel.optimizer in native.REPROX_RULES
-            and index.linked):
+    if not (_native_reprox_applies(kernel) and index.linked):
         return None
     if not ranges:
         return 0
