@@ -6,6 +6,13 @@ others to 0; (2) fine-tune on the remaining share of the data, during which prun
 back (new data touches them) and new rows appear; (3) at the end of training prune again, so the
 target holds exactly. ``fine_tune_fraction=0`` prunes once, at the end.
 
+The end is the last optimizer step (``trainer.estimated_stepping_batches``), pruned in that
+batch's ``on_train_batch_end`` -- *before* the last epoch's validation and checkpoint, so that
+the metrics logged at the end of training and the saved model are the pruned model's. A run
+that stops earlier (``max_time``, early stopping, an interrupt) is pruned in ``on_train_end``
+instead, after its last validation. Each step is pruned at most once (gradient accumulation
+calls the hook for every micro-batch of a step).
+
 Row norms are full-row norms (column shards combined) and the threshold is found over all ranks
 (bisection on all-reduced counts), so every sharding type gives the same result.
 
@@ -16,6 +23,7 @@ fused kernels as the Group runs.
 
 from __future__ import annotations
 
+import math
 from typing import Any
 
 import lightning.pytorch as pl
@@ -47,6 +55,8 @@ class MagnitudePruning(Callback):
         self.target = float(target_feature_rate)
         self.fine_tune_fraction = float(fine_tune_fraction)
         self.prune_step: int | None = None
+        #: the last optimizer step, where the final pruning runs (None: unknown, on_train_end)
+        self.final_step: int | None = None
         self.pruned: list[dict[str, Any]] = []  # per pruning: step and counts after it
         self._tables = None
 
@@ -62,6 +72,7 @@ class MagnitudePruning(Callback):
                              "(add GroupLasso(GroupAdam, lambda21=0) and return "
                              "group_optimizers(self, ...) from configure_optimizers)")
         total = trainer.estimated_stepping_batches
+        self.final_step = int(total) if math.isfinite(total) else None
         self.prune_step = None if self.fine_tune_fraction == 0 else max(
             1, round((1.0 - self.fine_tune_fraction) * total))
 
@@ -84,11 +95,16 @@ class MagnitudePruning(Callback):
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
-        if self.prune_step is not None and trainer.global_step == self.prune_step:
-            self.prune(trainer.global_step)
+        step = trainer.global_step
+        if step in (self.prune_step, self.final_step) and not self._pruned_at(step):
+            self.prune(step)
 
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self.prune(trainer.global_step)
+        if not self._pruned_at(trainer.global_step):  # stopped before the last step
+            self.prune(trainer.global_step)
+
+    def _pruned_at(self, step: int) -> bool:
+        return bool(self.pruned) and self.pruned[-1]["step"] == step
 
     def state_dict(self) -> dict[str, Any]:
         return {"pruned": list(self.pruned), "prune_step": self.prune_step}

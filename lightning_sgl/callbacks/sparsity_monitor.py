@@ -17,7 +17,8 @@ new value's shrinkage at its next update; cost O(tables x buckets + rows that ch
 O(rows). Plain tables take the full pass (every seen row's norm, :func:`._quantile.thresholds`
 in 5 all-reduces, the prox re-applied to every seen row). Between tunings training moves the
 norms a little (touched rows can revive, newly seen rows join); the next tuning corrects it, and
-every epoch ends with a tuning.
+every epoch ends with a tuning -- at its last batch, so that the epoch's validation and checkpoint
+see the on-target tables.
 
 Schedule. With ``schedule_share > 0`` the target is not forced from the first tuning, when the
 norms are still noise: it ramps from 1.0 to the final target over that share of the training
@@ -416,6 +417,7 @@ class SparsityMonitor(Callback):
         self.refit_start: int | None = None
         #: whether the refit began (the support is fixed; saved for resume)
         self.refitting = False
+        self._tuned_step: int | None = None  # the step of the last tuning (not saved)
         self.lambda21: dict[str, float] = {}
         #: (step, rate, mean lambda21), at most HISTORY_POINTS points (see ``_record``)
         self.history: list[tuple[int, float, float]] = []
@@ -569,6 +571,7 @@ class SparsityMonitor(Callback):
         return lies in the same gap between two norms as the one set and zeroes the same rows
         -- or exactly what the last search left for the same rows to keep. Plain tables search
         at every other tuning (the behaviour the paper-table figures were made with)."""
+        self._tuned_step = step
         tables = self._tables
         coll = Collectives(_allreduce)
         skipped = {"threshold_collectives": 0, "collectives": 0, "skipped": 1,
@@ -842,15 +845,21 @@ class SparsityMonitor(Callback):
             if self.refit_start is not None and step >= self.refit_start:
                 self._start_refit(step)
             elif (self._tunes and step > self.warmup_steps
-                    and step % self.tune_every_n_steps == 0):
+                    and (step % self.tune_every_n_steps == 0 or trainer.is_last_batch)):
+                # the epoch's last batch tunes too: the epoch ends on target *before* its
+                # validation and checkpoint, which then see the tables training leaves
                 self._tune(step)
         every = self.log_every_n_steps or trainer.log_every_n_steps
         if step % every == 0:
             self._log(pl_module, step, on_epoch=False)
 
     def on_train_epoch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        if self._tunes and trainer.global_step > self.warmup_steps and not self.refitting:
-            self._tune(trainer.global_step)  # end every epoch on target (the rate drifts a little between tunings)
+        if (self._tunes and trainer.global_step > self.warmup_steps and not self.refitting
+                and self._tuned_step != trainer.global_step):
+            # end every epoch on target (the rate drifts a little between tunings); normally
+            # done at the last batch already, here when the epoch stopped early (max_steps,
+            # limit_train_batches)
+            self._tune(trainer.global_step)
         self._log(pl_module, trainer.global_step, on_epoch=True)
         rate, per = feature_rates(self._tables.counts())
         rank_zero_info(f"SparsityMonitor: step {trainer.global_step} feature rate {rate:.4f} "
