@@ -225,7 +225,8 @@ def default_run(world: int, local_rows: int, seed: int, steps: int) -> dict:
     for step in range(1, steps + 1):
         train_s += timed(1, train_steps, kernel, [next(stream)])
         before = monitor.last_tuning
-        trainer = SimpleNamespace(global_step=step, log_every_n_steps=10 * steps)
+        trainer = SimpleNamespace(global_step=step, log_every_n_steps=10 * steps,
+                                  is_last_batch=step == steps)  # one epoch
         tune_s += timed(world, monitor.on_train_batch_end, trainer, None, None, None, 0)
         tunings += monitor.last_tuning is not before
         searches += monitor.last_tuning is not before and not monitor.last_tuning.get("skipped")
