@@ -11,9 +11,9 @@ and writes the figures.
     python benchmarks/paper_tables.py --data movielens --path data/ml-100k --seeds 5 [--paper]
 
 AUC and log loss are those of the final tables: a ``trainer.validate`` after ``fit`` (the same
-as the fit's last validation now that MagnitudePruning prunes at the last step; ``fit_auc`` in the
-JSON is the fit's). The base optimizers run as their Group version with all lambdas 0 (Theorem 2: identical), so
-both sides use the same code path. Runs are single-process (plain nn.Embedding with sparse
+as the fit's last validation now that MagnitudePruning prunes at the last step; ``fit_auc`` in
+the JSON is the fit's). The base optimizers run as their Group version with all lambdas 0
+(Theorem 2: identical), so both sides use the same code path. Runs are single-process (plain nn.Embedding with sparse
 gradients + MLP) to fit the 2-core budget.
 """
 

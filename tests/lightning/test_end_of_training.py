@@ -32,18 +32,34 @@ class RateAtValidation(Callback):
             self.seen.append((trainer.global_step, rate))
 
 
-def _fit(lambda21: float, callbacks: list, epochs: int = 1):
+class StopAt(Callback):
+    """Stop training after ``step`` (a stop ``estimated_stepping_batches`` does not know of)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step >= self.step:
+            trainer.should_stop = True
+
+
+def _setup(lambda21: float, callbacks: list, epochs: int):
     warnings.filterwarnings("ignore")
     dm = CTRDataModule(kjt=False, seed=0, source="synthetic", num_samples=6_000, num_fields=4,
                        vocab_size=300, batch_size=64)
     pl.seed_everything(0, verbose=False)
     module = CTRModule(dm.vocab_sizes, model="mlp", sparse=True, seed=0, dim=4)
-    probe = RateAtValidation()
     trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=epochs, logger=False,
                          enable_checkpointing=False, enable_progress_bar=False,
                          enable_model_summary=False, num_sanity_val_steps=0,
                          callbacks=[GroupLasso("GroupAdam", lr=0.01, lambda21=lambda21),
-                                    *callbacks, probe])
+                                    *callbacks])
+    return dm, module, trainer
+
+
+def _fit(lambda21: float, callbacks: list, epochs: int = 1):
+    probe = RateAtValidation()
+    dm, module, trainer = _setup(lambda21, [*callbacks, probe], epochs)
     trainer.fit(module, datamodule=dm)
     fit_auc = float(trainer.callback_metrics["val_auc"])
     final_rate, _ = model_feature_rate(module, trainer.optimizers[0])
@@ -69,17 +85,10 @@ def test_magnitude_pruning_prunes_before_the_last_validation(fine_tune):
 
 def test_magnitude_pruning_stopped_early_prunes_at_train_end():
     pruning = MagnitudePruning(0.2, fine_tune_fraction=0.0)
-    warnings.filterwarnings("ignore")
-    dm = CTRDataModule(kjt=False, seed=0, source="synthetic", num_samples=6_000, num_fields=4,
-                       vocab_size=300, batch_size=64)
-    module = CTRModule(dm.vocab_sizes, model="mlp", sparse=True, seed=0, dim=4)
-    trainer = pl.Trainer(accelerator="cpu", devices=1, max_epochs=2, max_steps=40, logger=False,
-                         enable_checkpointing=False, enable_progress_bar=False,
-                         enable_model_summary=False, num_sanity_val_steps=0,
-                         limit_val_batches=0,
-                         callbacks=[GroupLasso("GroupAdam", lr=0.01, lambda21=0.0), pruning])
+    dm, module, trainer = _setup(0.0, [pruning, StopAt(40)], epochs=2)
     trainer.fit(module, datamodule=dm)
-    assert [p["step"] for p in pruning.pruned] == [40]
+    assert trainer.global_step == 40 < trainer.estimated_stepping_batches
+    assert [p["step"] for p in pruning.pruned] == [40]  # by on_train_end
     rate, _ = model_feature_rate(module, trainer.optimizers[0])
     assert rate == pytest.approx(0.2, abs=2e-3)
 
