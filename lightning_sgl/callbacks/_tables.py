@@ -8,6 +8,7 @@ from :func:`~lightning_sgl.group_optimizers`). Both give, per table:
   tables also ``counts_with(extra)``: the same and ``extra`` (float64) summed over the ranks,
   in the counts' own all-reduce;
 - ``norms()``: local shrink norms of seen rows (each row on one rank) and the group width;
+- ``rows()``: the rows each table holds in all (the most it can ever have seen), O(tables);
 - ``set_lambda21(values)`` / ``lambda21()`` and ``reapply()`` (re-run the prox on seen rows);
 - TorchRec tables only (the kernels keep a shrink-norm index, :mod:`torchrec_ext.kernel.index`):
   ``histograms()`` (local per-table bucket counts of the shrink norms / sqrt(d), O(tables x
@@ -51,6 +52,9 @@ class TorchRecTables:
     def layouts(self) -> dict[str, tuple[int, int, int]]:
         """Per table ``(num_embeddings, dim, features)``."""
         return self._fr.plan_table_layouts(self.module)
+
+    def rows(self) -> dict[str, int]:
+        return {n: int(v[0]) for n, v in self.layouts().items()}
 
     def norms(self) -> dict[str, tuple[Tensor, int]]:
         return self._fr.shrink_norms(self.module)
@@ -132,6 +136,9 @@ class DenseTables:
             seen, nz = self.opt.row_flags(p)
             out[name] = (int(seen.sum()), int((seen & nz).sum()))
         return out
+
+    def rows(self) -> dict[str, int]:
+        return {name: int(p.shape[0]) for name, p in self.params.items()}
 
     @staticmethod
     def _once(t: Tensor) -> Tensor:

@@ -32,13 +32,19 @@ Refit. With ``refit_share > 0`` training ends as a *relaxed* group lasso: for th
 ``refit_share`` of the training steps the support is fixed -- one last tuning meets the final
 target, then every table trains with ``lambda1 = lambda21 = 0`` and only its non-zero rows move
 (:func:`lightning_sgl.optim.functional.support_rows`: a zero row keeps its values and state, a row
-first seen during the refit stays zero, so the rate can only fall a little) -- and the kept rows
+first seen during the refit stays zero) -- and the kept rows
 get back ``refit_relax`` of the shrinkage the selection needed (their duals, which hold what the
 penalty shrank away, are scaled by it once: O(rows seen x dim) for fused tables, O(rows held)
 for plain ones, once per training; each row takes it
 with its next step), as magnitude pruning's survivors are fine-tuned unshrunk. No tuning runs
-after it. The start step is fixed at the first ``on_train_start`` and saved, with whether the
-refit began, so a resumed run refits the same steps.
+after it. Since rows first seen during the refit count as seen zero rows, a support sized for
+the rows seen at its start would end below the target on a stream that keeps bringing new ids
+(0.173 for a target of 0.2 at 4e6 rows per table); for a rate target the last tuning therefore
+keeps ``target x`` the rows seen *projected* to the end of training (or of the first epoch, if
+that comes first): the rows seen are recorded at two steps before the refit and their growth
+extrapolated (:func:`projected_seen`), so the rate falls from a little above the target to it
+over the refit. The start step, the marks and whether the refit began are fixed at the first
+``on_train_start`` and saved, so a resumed run refits the same steps with the same support.
 
 Defaults. A monitor with a target and no schedule or refit argument uses
 :data:`DEFAULT_SCHEDULE`: target 1.0 (every row kept) for the first 60% of the steps, the cubic
@@ -79,7 +85,7 @@ from ._tables import allreduce_cpu, tables_of
 __all__ = ["SparsityMonitor", "bisect_threshold", "feature_rates", "global_threshold",
            "table_thresholds", "model_feature_rate", "scheduled_rate", "SCHEDULES",
            "DEFAULT_SCHEDULE", "resolve_schedule",
-           "budget_keeps"]
+           "budget_keeps", "mark_steps", "projected_seen"]
 
 #: points of ``SparsityMonitor.history`` kept at most (older points are thinned, see ``_record``)
 HISTORY_POINTS = 512
@@ -156,6 +162,59 @@ def scheduled_rate(target: float, step: int, ramp_steps: int, schedule: str = "c
         return target
     left = 1.0 - step / ramp_steps
     return target + (1.0 - target) * (left ** 3 if schedule == "cubic" else left)
+
+
+def mark_steps(refit_start: int, total: int) -> list[int]:
+    """The two steps at which a monitor records the rows seen, for :func:`projected_seen` at the
+    refit's start: ``refit_start - 2w`` and ``refit_start - w``, the window ``w`` the refit's
+    length capped at half the steps before it (at least step 1). Empty when there is no room
+    for a window of one step. O(1)."""
+    w = min(total - refit_start, refit_start // 2)
+    if w < 1:
+        return []
+    return [max(1, refit_start - 2 * w), refit_start - w]
+
+
+def projected_seen(marks: list, step: int, seen: dict[str, int], end: int,
+                   rows: dict[str, int] | None = None) -> dict[str, int]:
+    """Rows seen per table projected to step ``end`` from their growth before ``step``.
+
+    What the refit's support is sized for: rows first seen during the refit stay zero, so with
+    a stream that keeps bringing new ids a support sized for the rows seen at its start ends
+    below the target (at 4e6 rows per table, 0.173 for a target of 0.2: docs/lightning.md).
+
+    ``marks`` holds ``(step, {table: rows seen})`` recorded at the steps of :func:`mark_steps`
+    (fewer when a run began after them), ``seen`` the counts at ``step``. With two marks
+    ``(s_0, n_0), (s_1, n_1)`` the paces of new rows per step over the two windows are ``p_1 =
+    (n_1 - n_0) / (s_1 - s_0)`` and ``p_2 = (n - n_1) / w`` with ``w = step - s_1``. Heavy-tailed
+    ids bring new rows ever more slowly, so the growth per window decays geometrically with
+    ``r = min(p_2 / p_1, 1)``: over the ``k = (end - step) / w`` windows left (fractional in
+    closed form) it is ``p_2 w (r + r^2 + ... + r^k)`` -- never faster than the last window's
+    pace. One mark: that pace, linearly (``r = 1``). No mark, or nothing grew: ``seen``.
+    O(tables).
+    """
+    if step >= end or not marks or step <= marks[-1][0]:
+        return dict(seen)
+    s1, n1 = marks[-1]
+    w = step - s1
+    k = (end - step) / w
+    out = {}
+    for t, n in seen.items():
+        g2 = n - n1[t] if t in n1 else 0  # (a table without a mark: nothing to go by)
+        if g2 <= 0:
+            out[t] = n
+            continue
+        r = 1.0
+        if len(marks) > 1:
+            s0, n0 = marks[-2]
+            g1 = n1[t] - n0.get(t, 0)
+            if g1 > 0 and s1 > s0:  # the paces per step of the two windows
+                r = min((g2 / w) / (g1 / (s1 - s0)), 1.0)
+        grow = g2 * (k if r >= 1.0 else r * (1.0 - r ** k) / (1.0 - r))
+        out[t] = n + int(round(grow))
+        if rows is not None and t in rows:
+            out[t] = max(n, min(out[t], rows[t]))
+    return out
 
 
 def feature_rates(counts: dict[str, tuple[int, int]]) -> tuple[float, dict[str, float]]:
@@ -417,6 +476,13 @@ class SparsityMonitor(Callback):
         self.refit_start: int | None = None
         #: whether the refit began (the support is fixed; saved for resume)
         self.refitting = False
+        #: the steps at which the rows seen are recorded, and the step the refit's projection
+        #: of the rows seen is for (set with ``refit_start`` for a rate target; saved): see
+        #: :meth:`plan_steps` and :func:`projected_seen`
+        self.mark_steps: list[int] = []
+        self.projection_end: int | None = None
+        #: ``(step, {table: rows seen})`` recorded at ``mark_steps`` (saved)
+        self.seen_marks: list[tuple[int, dict[str, int]]] = []
         self._tuned_step: int | None = None  # the step of the last tuning (not saved)
         self.lambda21: dict[str, float] = {}
         #: (step, rate, mean lambda21), at most HISTORY_POINTS points (see ``_record``)
@@ -489,13 +555,32 @@ class SparsityMonitor(Callback):
             self._tables.set_lambda21(self.lambda21)
         else:
             self.lambda21 = _global_lambda21(self._tables.lambda21())
+        batches = trainer.num_training_batches
+        epoch = (math.ceil(batches / max(1, trainer.accumulate_grad_batches))
+                 if math.isfinite(batches) else None)
+        self.plan_steps(total, epoch)
+        if self.refitting:  # resumed inside the refit: fix the support again (no re-application)
+            self._tables.fix_support()
+
+    def plan_steps(self, total: int, epoch_steps: int | None = None) -> None:
+        """Fix the schedule's and the refit's steps for a run of ``total`` optimizer steps
+        (``on_train_start`` passes the trainer's ``estimated_stepping_batches`` and the
+        optimizer steps of one epoch): the ramp's start and length, the refit's start and, for a
+        rate target, the refit's projection of the rows seen (:func:`projected_seen`): the step
+        it is for -- the end of training, or of the first epoch if that comes first (a data
+        set read once has shown its rows; a second pass brings none) -- and the steps at which
+        the rows seen are recorded for it (:func:`mark_steps`; none when the refit begins after
+        that step). A resumed monitor keeps the saved run's steps (only what is still unset is
+        planned). O(1)."""
         if self.ramp_steps is None:  # not resumed: the ramp follows this fit's length
             self.ramp_steps = int(self.schedule_share * total)
             self.ramp_start = int(self.schedule_start * total)
         if self.refit_start is None and self.refit_share:  # likewise the refit
             self.refit_start = int(total) - int(self.refit_share * total)
-        if self.refitting:  # resumed inside the refit: fix the support again (no re-application)
-            self._tables.fix_support()
+            if self.target is not None:  # a budget counts kept rows: nothing to project
+                end = int(total) if epoch_steps is None else min(int(total), int(epoch_steps))
+                self.projection_end = end
+                self.mark_steps = mark_steps(self.refit_start, end)
 
     def _cost(self):
         from torchrec_ext.serving import served_table_bytes
@@ -545,8 +630,13 @@ class SparsityMonitor(Callback):
         return scheduled_rate(self.target, step, self.ramp_steps, self.schedule, self.ramp_start)
 
     # ------------------------------------------------------------------ tuning
-    def _tune(self, step: int) -> None:
+    def _tune(self, step: int, project_to: int | None = None) -> None:
         """Set the ``lambda21`` that meets the target and re-apply the prox where it changes.
+
+        ``project_to``: a rate target keeps ``target x`` the rows seen projected to that step
+        (:func:`projected_seen`, from ``seen_marks``; at most the rows seen now) instead of the
+        rows seen now -- the refit's start, so that its fixed support meets the target at the
+        end of training.
 
         Cost per rank, fused tables: O(tables x buckets) for the histograms, per table the run
         counts of one bucket and a walk of one run for the exact value, and the prox on the
@@ -610,12 +700,18 @@ class SparsityMonitor(Callback):
         if self._keeps_everything(target, counts):
             self.last_tuning = skipped
             return
+        seen = {n: s for n, (s, _) in counts.items()}
+        base = seen
+        if project_to is not None and self.target_bytes is None:
+            rows = tables.rows() if hasattr(tables, "rows") else None
+            base = projected_seen(self.seen_marks, step, seen, project_to, rows)
         if isinstance(target, dict):
             # the floor of an exact budget share stays in the budget; rates round to nearest
             rnd = math.floor if self.target_bytes is not None else round
-            keeps = {n: rnd(target[n] * counts[n][0] + 1e-9) for n in counts if n in target}
+            keeps = {n: min(seen[n], rnd(target[n] * base[n] + 1e-9)) for n in counts
+                     if n in target}
         else:
-            keeps = {None: round(target * sum(s for s, _ in counts.values()))}
+            keeps = {None: min(sum(seen.values()), round(target * sum(base.values())))}
         old = tables.lambda21()
         # (plain tables search at every tuning, as the paper-table figures were made with)
         if fused and (_on_target(keeps, counts, self._searched_lambda21())
@@ -655,6 +751,7 @@ class SparsityMonitor(Callback):
         self.last_tuning = {"threshold_collectives": coll.count,
                             "collectives": coll.count + int(coll.world > 1),
                             "rows_seen": sum(s for s, _ in counts.values()),
+                            "rows_projected": sum(base.values()),
                             "rows_reapplied": reapplied}
 
     def _within(self, keeps: dict, counts: dict[str, tuple[int, int]]) -> bool:
@@ -827,21 +924,34 @@ class SparsityMonitor(Callback):
             self.history_stride *= 2
 
     def _start_refit(self, step: int) -> None:
-        """One last tuning on the final target, then the support fixed, the penalties off and
-        the duals scaled by ``refit_relax`` (once per training: O(rows seen x dim) on fused
-        tables)."""
-        self._tune(step)
+        """One last tuning on the final target -- for a rate target sized for the rows seen
+        projected to the end of training (:func:`projected_seen`) -- then the support fixed,
+        the penalties off and the duals scaled by ``refit_relax`` (once per training: O(rows
+        seen x dim) on fused tables)."""
+        self._tune(step, project_to=self.projection_end)
         self._tables.fix_support()
         self._tables.scale_dual(self.refit_relax)
         self.refitting = True
         rate, _ = feature_rates(self._tables.counts())
+        projected = self.last_tuning.get("rows_projected")
+        seen = self.last_tuning.get("rows_seen")
+        more = (f" (kept for {projected:,} rows seen at step {self.projection_end}, projected "
+                f"from {seen:,} now)" if projected and seen and projected > seen else "")
         rank_zero_info(f"SparsityMonitor: step {step}: refit with the support fixed, feature "
-                       f"rate {rate:.4f}")
+                       f"rate {rate:.4f}{more}")
+
+    def _mark_due(self, step: int) -> bool:
+        """Whether ``step`` records the rows seen for the refit's projection. O(1)."""
+        k = len(self.seen_marks)
+        return k < len(self.mark_steps) and step >= self.mark_steps[k]
 
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
                            outputs: Any, batch: Any, batch_idx: int) -> None:
         step = trainer.global_step
         if not self.refitting:  # once the support is fixed, no tuning runs
+            if self._mark_due(step):  # one all-reduce, at most twice per training
+                self.seen_marks.append(
+                    (step, {n: s for n, (s, _) in self._tables.counts().items()}))
             if self.refit_start is not None and step >= self.refit_start:
                 self._start_refit(step)
             elif (self._tunes and step > self.warmup_steps
@@ -906,7 +1016,9 @@ class SparsityMonitor(Callback):
                 "schedule_start": self.schedule_start,
                 "schedule": self.schedule, "schedule_share": self.schedule_share,
                 "refit_share": self.refit_share, "refit_relax": self.refit_relax,
-                "refit_start": self.refit_start,
+                "refit_start": self.refit_start, "projection_end": self.projection_end,
+                "mark_steps": list(self.mark_steps),
+                "seen_marks": [[st, dict(n)] for st, n in self.seen_marks],
                 "refitting": self.refitting, "searched": self.searched}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -921,3 +1033,9 @@ class SparsityMonitor(Callback):
         if state_dict.get("refit_start") is not None and self.refit_share:
             self.refit_start = int(state_dict["refit_start"])  # the saved run's refit steps
             self.refitting = bool(state_dict.get("refitting", False))
+            if self.target is not None:  # and its projection (none saved: none made)
+                end = state_dict.get("projection_end")
+                self.projection_end = None if end is None else int(end)
+                self.mark_steps = [int(v) for v in state_dict.get("mark_steps", [])]
+                self.seen_marks = [(int(st), {str(k): int(v) for k, v in n.items()})
+                                   for st, n in state_dict.get("seen_marks", [])]
