@@ -83,6 +83,10 @@ class KernelTables:
     def norms(self):
         return {n: (v, DIM) for n, v in self.kernel.shrink_norms().items()}
 
+    def rows(self):  # each rank holds a row-wise split of every table
+        world = dist.get_world_size() if dist.is_initialized() else 1
+        return {t.name: t.local_rows * world for t in self.kernel.tables}
+
     def lambda21(self):
         hp = self.kernel.table_hyperparameter_list(self.kernel.current_hyperparameters())
         return {t.name: float(h["lambda21"]) for t, h in zip(self.kernel.tables, hp)}
@@ -217,9 +221,7 @@ def default_run(world: int, local_rows: int, seed: int, steps: int) -> dict:
     stream = ctr_stream(TABLES, local_rows, BATCH, DIM, seed=seed)
     monitor = monitor_on(kernel)  # DEFAULT_SCHEDULE: keep all, cubic ramp, refit
     monitor.log_every_n_steps = 10 * steps  # no logging (no LightningModule here)
-    monitor.ramp_start = int(monitor.schedule_start * steps)
-    monitor.ramp_steps = int(monitor.schedule_share * steps)
-    monitor.refit_start = steps - int(monitor.refit_share * steps)
+    monitor.plan_steps(steps, steps)  # on_train_start: the step count, one epoch
     train_s = tune_s = 0.0
     tunings = searches = 0
     for step in range(1, steps + 1):
