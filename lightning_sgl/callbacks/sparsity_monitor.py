@@ -51,9 +51,9 @@ Defaults. A monitor with a target and no schedule or refit argument uses
 ramp over the next 20%, the refit over the last 20%; ``schedule_share=0, refit_share=0`` is the
 paper's setting. Measured (docs/results.md, 5 seeds, Group optimizer AUC minus its base optimizer +
 magnitude pruning at rates 0.5 / 0.2 / 0.05, both scored on their final tables): on the synthetic
-set both settings are ahead in every cell (the defaults by +0.023 at 0.05 where the paper's
+set both settings are ahead in every cell (the defaults by +0.024 at 0.05 where the paper's
 setting is +0.017); on MovieLens-100K the defaults are ahead at 0.2 and 0.05 (GroupAdam +0.011 /
-+0.055) and behind at 0.5 (-0.0028; the paper's setting -0.0039).
++0.057) and behind at 0.5 (-0.0025; the paper's setting -0.0038).
 
 Memory budget. ``target_bytes`` (overall, or ``{table: bytes}``) sets the targets from the size
 of the serving export (:func:`torchrec_ext.serving.export_serving` in ``serve_dtype``: kept rows
