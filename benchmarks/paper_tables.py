@@ -9,6 +9,7 @@ and writes the figures.
 
     python benchmarks/paper_tables.py --data synthetic --seeds 5 [--paper]
     python benchmarks/paper_tables.py --data movielens --path data/ml-100k --seeds 5 [--paper]
+    python benchmarks/paper_tables.py --data synthetic --seeds 5 --refit-relax 1   # a sweep point
 
 AUC and log loss are those of the final tables: a ``trainer.validate`` after ``fit`` (the same
 as the fit's last validation now that MagnitudePruning prunes at the last step; ``fit_auc`` in
@@ -94,6 +95,9 @@ def main(argv=None) -> None:
     ap.add_argument("--refit-share", type=float, default=None,
                     help="SparsityMonitor(refit_share=...) of the Group runs (default: the "
                          "monitor's default)")
+    ap.add_argument("--refit-relax", type=float, default=None,
+                    help="SparsityMonitor(refit_relax=...) of the Group runs: the share of the "
+                         "shrinkage the refit gives back (default: the monitor's default)")
     ap.add_argument("--paper", action="store_true",
                     help="the paper's setting: no target schedule (the target from the first "
                          "tuning) and no refit")
@@ -102,11 +106,13 @@ def main(argv=None) -> None:
     ap.add_argument("--out", default="outputs/paper_tables")
     args = ap.parse_args(argv)
     if args.paper:
-        if args.schedule_share or args.refit_share:
-            ap.error("--paper means no schedule and no refit: drop --schedule-share/--refit-share")
+        if args.schedule_share or args.refit_share or args.refit_relax is not None:
+            ap.error("--paper means no schedule and no refit: drop --schedule-share/"
+                     "--refit-share/--refit-relax")
         args.schedule_share = args.refit_share = 0.0
     monitor_kw = {k: v for k, v in (("schedule_share", args.schedule_share),
-                                     ("refit_share", args.refit_share)) if v is not None}
+                                     ("refit_share", args.refit_share),
+                                     ("refit_relax", args.refit_relax)) if v is not None}
     warnings.filterwarnings("ignore")
     logging.getLogger("lightning.pytorch").setLevel(logging.ERROR)
     torch.set_num_threads(max(1, os.cpu_count() or 1))
@@ -142,7 +148,8 @@ def main(argv=None) -> None:
     probe = SparsityMonitor(0.5, **monitor_kw)  # the settings the Group runs used
     setting = ("the paper's setting: no schedule, no refit" if args.paper else
                f"target 1.0 until {probe.schedule_start:.0%} of training, {probe.schedule} ramp "
-               f"over {probe.schedule_share:.0%}, refit over the last {probe.refit_share:.0%}")
+               f"over {probe.schedule_share:.0%}, refit over the last {probe.refit_share:.0%}"
+               f" giving back {probe.refit_relax:g} of the shrinkage")
     sched = f", {setting}"
     lines = [f"## {args.data}: AUC at matched feature rates ({args.seeds} seeds, mean ± std"
              f"{sched})", ""]
@@ -168,12 +175,14 @@ def main(argv=None) -> None:
     print(report)
     tag = ("_paper" if args.paper else
            f"_start{probe.schedule_start:g}_schedule{probe.schedule_share:g}"
-           f"_refit{probe.refit_share:g}")
+           f"_refit{probe.refit_share:g}"
+           + (f"_relax{args.refit_relax:g}" if args.refit_relax is not None else ""))
     with open(os.path.join(args.out, f"tables_{args.data}{tag}.md"), "w") as f:
         f.write(report + "\n")
     with open(os.path.join(args.out, f"results_{args.data}{tag}.json"), "w") as f:
         json.dump({f"{k[0]}/{k[1]}/{k[2]}": v for k, v in results.items()}, f, indent=1)
-    figure1(results, args, names, "_paper" if args.paper else "")
+    figure1(results, args, names, "_paper" if args.paper else (
+        f"_relax{args.refit_relax:g}" if args.refit_relax is not None else ""))
     if args.extras:
         extras(data_kw, args, monitor_kw)
 
@@ -203,7 +212,8 @@ def figure1(results, args, names, tag: str = "") -> None:
         ax.minorticks_off()
         ax.set_xlabel("feature rate (non-zero / seen rows)")
         ax.set_ylabel("validation AUC")
-        ax.set_title(f"{args.data}{' (paper setting)' if tag else ''}: AUC vs feature rate")
+        note = {"": "", "_paper": " (paper setting)"}.get(tag, f" ({tag[1:]})")
+        ax.set_title(f"{args.data}{note}: AUC vs feature rate")
         ax.legend()
     fig.tight_layout()
     path = os.path.join(args.out, f"figure1_{args.data}{tag}.png")

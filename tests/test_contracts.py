@@ -185,3 +185,16 @@ def test_bench_tuning_runs_at_small_size():
     for r in rows:
         assert r[4] == "3/3" and 2 <= int(r[10]) <= 4 and r[11] == "0.2000", r
         assert r[12].startswith("24 (") and abs(float(r[13]) - 0.2) <= 0.01, r
+
+
+@pytest.mark.parametrize("flag", [["--refit-relax", "1"], ["--refit-share", "0.2"]])
+def test_paper_tables_refuses_refit_flags_with_paper(flag, capsys, monkeypatch):
+    """``--paper`` (no schedule, no refit) with a refit flag is refused before any run, with a
+    message naming the flags to drop."""
+    monkeypatch.syspath_prepend(str(ROOT / "benchmarks"))
+    paper_tables = importlib.import_module("paper_tables")
+    with pytest.raises(SystemExit) as exc:
+        paper_tables.main(["--paper", *flag])
+    assert exc.value.code == 2
+    assert "--paper means no schedule and no refit: drop --schedule-share/--refit-share/" \
+        "--refit-relax" in capsys.readouterr().err
