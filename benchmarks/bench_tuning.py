@@ -248,6 +248,7 @@ def run(rank: int, world: int, port: int, rows: int, out: dict | None, tunings: 
     if world > 1:
         os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
         dist.init_process_group("gloo", rank=rank, world_size=world)
+    torch.manual_seed(rank)  # the tables' initial weights: a run is reproducible
     gen = torch.Generator().manual_seed(rank)
     got = held_target(world, rows // world, gen, rank, tunings)
     if run_steps:

@@ -171,8 +171,9 @@ def test_gpu_check_dry_run_passes_on_cpu():
 
 def test_bench_tuning_runs_at_small_size():
     """``benchmarks/bench_tuning.py`` at 20k rows per table, 1 and 2 ranks: the monitor's own
-    tuning on target (0.2000 after it), searching at every tuning (the norms move at this
-    size), the forced searches in at most 4 collectives (a small constant), and a
+    tuning on target (after it, at most ``tolerance / 2`` = 0.25% of the kept rows fewer: the
+    monitor's documented dead band, so 0.1995-0.2000), searching at every tuning (the norms move
+    at this size), the forced searches in at most 4 collectives (a small constant), and a
     default-settings run that ends on target -- the benchmark keeps working as the monitor
     changes (no timing is asserted)."""
     proc = subprocess.run([sys.executable, "benchmarks/bench_tuning.py", "--sizes", "20000",
@@ -183,7 +184,8 @@ def test_bench_tuning_runs_at_small_size():
             if line.startswith("| 20,000")]
     assert [r[1] for r in rows] == ["1", "2"]
     for r in rows:
-        assert r[4] == "3/3" and 2 <= int(r[10]) <= 4 and r[11] == "0.2000", r
+        assert r[4] == "3/3" and 2 <= int(r[10]) <= 4, r
+        assert 0.2 * (1 - 0.005 / 2) - 5e-5 <= float(r[11]) <= 0.2, r  # (printed to 4 places)
         assert r[12].startswith("24 (") and abs(float(r[13]) - 0.2) <= 0.01, r
 
 

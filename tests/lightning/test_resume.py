@@ -79,8 +79,9 @@ def test_one_epoch_plus_resume_equals_two_epochs(pair, tmp_path, variant):
         assert first["refitting"] and res_r["refitting"]
         assert res_r["metrics"]["feature_rate"] == full_r["metrics"]["feature_rate"]
         # rows first seen in the refit stay zero: its support is sized for the rows seen
-        # projected to the end of epoch 1 (the refit begins at step 7 of 8, while many rows are
-        # still new; without the projection the rate fell ~6% below the target here)
+        # projected to the end of epoch 1 (the refit begins at step 7 of the 16, one step before
+        # epoch 1 ends, while many rows are still new; without the projection the rate fell ~6%
+        # below the target here)
         assert 0.8 * 0.3 < full_r["metrics"]["feature_rate"] <= 0.3 * 1.01
     elif variant == "scheduler":  # the tables' lr really decayed (and resumed decayed)
         assert lrs_full[0] < 0.02 * 0.9 ** 10
