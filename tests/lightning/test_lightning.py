@@ -19,13 +19,15 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 
 _TRANSIENT = ("Address already in use", "Connection refused", "Connection reset by peer",
-              "terminated with signal")  # a rank killed by a signal (e.g. a gloo teardown abort)
+              "terminated with signal",  # a rank killed by a signal (e.g. a gloo teardown abort)
+              "Connection closed by peer")  # rank 0's view of a Lightning-launched rank 1 gone
 
 
 def run_job(module: str, out_dir, cfg: dict, timeout: int = 600) -> dict:
-    """Run a job script (it launches its own ranks). A run killed by a signal or failing to
-    connect its process group (a port taken between choosing and binding it) is retried once;
-    any other failure, assertion errors included, fails the test."""
+    """Run a job script (it launches its own ranks). A run killed by a signal, failing to
+    connect its process group (a port taken between choosing and binding it) or losing a rank's
+    connection is retried once; any other failure, assertion errors included, fails the test
+    (a deterministic failure fails both attempts), with the other ranks' error lines."""
     os.makedirs(out_dir, exist_ok=True)
     env = {**{k: v for k, v in os.environ.items() if k not in DIST_ENV},  # never inherited
            "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
@@ -36,7 +38,11 @@ def run_job(module: str, out_dir, cfg: dict, timeout: int = 600) -> dict:
         if proc.returncode == 0 or not transient or attempt == 1:
             break
     if proc.returncode != 0:
-        raise AssertionError(f"{module} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        # the other ranks' own errors, which rank 0's long traceback pushes out of the tail
+        others = "\n".join([ln for ln in proc.stderr.splitlines()
+                            if ln.startswith("[rank") and not ln.startswith("[rank0]")][-40:])
+        raise AssertionError(f"{module} failed (attempt {attempt + 1}):\n{proc.stdout[-3000:]}\n"
+                             f"{others}\n{proc.stderr[-6000:]}")
     path = os.path.join(out_dir, "result.json")
     return json.load(open(path)) if os.path.exists(path) else {}
 
