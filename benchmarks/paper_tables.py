@@ -173,16 +173,15 @@ def main(argv=None) -> None:
         lines.append("")
     report = "\n".join(lines)
     print(report)
+    relax = f"_relax{args.refit_relax:g}" if args.refit_relax is not None else ""
     tag = ("_paper" if args.paper else
            f"_start{probe.schedule_start:g}_schedule{probe.schedule_share:g}"
-           f"_refit{probe.refit_share:g}"
-           + (f"_relax{args.refit_relax:g}" if args.refit_relax is not None else ""))
+           f"_refit{probe.refit_share:g}{relax}")
     with open(os.path.join(args.out, f"tables_{args.data}{tag}.md"), "w") as f:
         f.write(report + "\n")
     with open(os.path.join(args.out, f"results_{args.data}{tag}.json"), "w") as f:
         json.dump({f"{k[0]}/{k[1]}/{k[2]}": v for k, v in results.items()}, f, indent=1)
-    figure1(results, args, names, "_paper" if args.paper else (
-        f"_relax{args.refit_relax:g}" if args.refit_relax is not None else ""))
+    figure1(results, args, names, "_paper" if args.paper else relax)
     if args.extras:
         extras(data_kw, args, monitor_kw)
 

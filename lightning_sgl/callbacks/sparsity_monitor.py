@@ -705,8 +705,7 @@ class SparsityMonitor(Callback):
         seen = {n: s for n, (s, _) in counts.items()}
         base = seen
         if project_to is not None and self.target_bytes is None:
-            rows = tables.rows() if hasattr(tables, "rows") else None
-            base = projected_seen(self.seen_marks, step, seen, project_to, rows)
+            base = projected_seen(self.seen_marks, step, seen, project_to, tables.rows())
         if isinstance(target, dict):
             # the floor of an exact budget share stays in the budget; rates round to nearest
             rnd = math.floor if self.target_bytes is not None else round
